@@ -1,0 +1,5 @@
+import sys
+
+from exatrain.cli import main
+
+sys.exit(main())

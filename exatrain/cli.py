@@ -1,0 +1,64 @@
+"""Command line: `exatrain train | print-config | launch ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from exatrain.config import ConfigError, load_config, to_yaml
+
+DEFAULT_CONFIG = "tiny.yaml"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
+                   help=f"YAML config (path, or a name under configs/; default {DEFAULT_CONFIG})")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. optim.lr=3e-4 train.steps=100")
+
+
+def _split_config(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """`exatrain train optim.lr=1e-3` means the default config with one override."""
+    if "=" in args.config:
+        return DEFAULT_CONFIG, [args.config, *args.overrides]
+    return args.config, args.overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from exatrain.train.trainer import train
+
+    path, overrides = _split_config(args)
+    result = train(load_config(path, overrides))
+    print(f"{result.status}: step {result.step}, loss {result.final_loss:.4f}, "
+          f"val loss {result.val_loss:.4f}, run dir {result.run_dir}")
+    return 0 if result.status == "completed" else 3
+
+
+def cmd_print_config(args: argparse.Namespace) -> int:
+    path, overrides = _split_config(args)
+    print(to_yaml(load_config(path, overrides)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exatrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a model (under torchrun/srun/mpirun for several processes)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("print-config", help="print the resolved config")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_print_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"exatrain: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

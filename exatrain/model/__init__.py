@@ -1,0 +1,1 @@
+"""Llama-style decoder, attention backends, generation."""

@@ -1,0 +1,100 @@
+"""Attention backends behind one call signature.
+
+Every backend takes q (B, H, T, D), k and v (B, Hkv, T, D) and optional per-token document
+ids (B, T) and returns (B, H, T, D). Grouped-query heads are expanded here, once, so
+backends only see matching head counts. `head_offset` is the global index of the first
+local head; it matters for patterns that differ per head (S2) under tensor parallelism.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionFn(Protocol):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, doc_ids: torch.Tensor | None,
+                 scale: float, head_offset: int) -> torch.Tensor: ...
+
+
+def expand_kv(k: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Repeat KV heads so that each query head has its own (GQA -> MHA layout)."""
+    rep = n_heads // k.shape[1]
+    return k if rep == 1 else k.repeat_interleave(rep, dim=1)
+
+
+def causal_document_mask(doc_ids: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor:
+    """Boolean (B or 1, 1, T, T) mask: causal and, when doc_ids is given, within one document."""
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    if doc_ids is None:
+        return causal[None, None]
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same_doc & causal)[:, None]
+
+
+def _single_document(doc_ids: torch.Tensor | None) -> bool:
+    return doc_ids is None or bool((doc_ids == doc_ids[:, :1]).all())
+
+
+def sdpa_attention(q, k, v, *, doc_ids, scale, head_offset):
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    if _single_document(doc_ids):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    mask = causal_document_mask(doc_ids, q.shape[2], q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def reference_attention(q, k, v, *, doc_ids, scale, head_offset, mask: torch.Tensor | None = None):
+    """Plain softmax(QK^T)V in fp32 with an explicit boolean mask; the ground truth for tests."""
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    if mask is None:
+        mask = causal_document_mask(doc_ids, q.shape[2], q.device)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def flash_attention(q, k, v, *, doc_ids, scale, head_offset):
+    """flash-attn 2 on CUDA/ROCm; packed documents use the varlen kernel."""
+    try:
+        fa = importlib.import_module("flash_attn")
+    except ImportError as exc:
+        raise RuntimeError("model.attention=flash needs the GPU extra: pip install 'exatrain[gpu]'") from exc
+    if not q.is_cuda:
+        raise RuntimeError("model.attention=flash runs on GPU only; use model.attention=sdpa on CPU")
+    B, H, T, D = q.shape
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    if _single_document(doc_ids):
+        return fa.flash_attn_func(qt, kt, vt, softmax_scale=scale, causal=True).transpose(1, 2)
+    flat = doc_ids + torch.arange(B, device=q.device)[:, None] * (doc_ids.max() + 1)
+    _, counts = torch.unique_consecutive(flat.flatten(), return_counts=True)
+    cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    out = fa.flash_attn_varlen_func(qt.reshape(B * T, H, D), kt.reshape(B * T, -1, D), vt.reshape(B * T, -1, D),
+                                    cu, cu, int(counts.max()), int(counts.max()), softmax_scale=scale, causal=True)
+    return out.view(B, T, H, D).transpose(1, 2)
+
+
+_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
+    "sdpa": sdpa_attention,
+    "reference": reference_attention,
+    "flash": flash_attention,
+}
+
+
+def register_backend(name: str, fn: Callable[..., torch.Tensor]) -> None:
+    _BACKENDS[name] = fn
+
+
+def get_backend(name: str) -> Callable[..., torch.Tensor]:
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
+    return _BACKENDS[name]
+
+
+def default_scale(head_dim: int, mup: bool) -> float:
+    """1/sqrt(d) normally; muP uses 1/d so attention logits stay O(1) as width grows."""
+    return 1.0 / head_dim if mup else 1.0 / math.sqrt(head_dim)

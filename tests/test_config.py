@@ -1,0 +1,45 @@
+import pytest
+
+from exatrain.cli import main
+from exatrain.config import ConfigError, from_dict, load_config, to_dict
+
+
+def test_defaults_load_and_round_trip():
+    cfg = load_config("tiny.yaml", ["optim.lr=1e-3", "train.steps=7"])
+    assert cfg.optim.lr == 1e-3 and cfg.train.steps == 7
+    assert cfg.run_dir == "runs/tiny"
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("override, key", [
+    (["model.bogus=1"], "model.bogus"),
+    (["train.steps=abc"], "train.steps"),
+    (["model.n_heads=5"], "model.dim"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads"),
+    (["train.global_batch=10", "train.micro_batch=4"], "train.global_batch"),
+    (["schedule.name=linear"], "schedule.name"),
+    (["schedule.power_b=0.5"], "schedule.power_b"),
+    (["data.meco.cooldown_fraction=1.0"], "data.meco.cooldown_fraction"),
+    (["data.seq_len=1024"], "data.seq_len"),
+    (["parallel.dp_shard=0"], "parallel.dp_shard"),
+    (["optim.lr=-1"], "optim.lr"),
+])
+def test_invalid_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("tiny.yaml", override)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_cli_print_config_and_error_exit(capsys):
+    assert main(["print-config", "model.dim=64"]) == 0
+    assert "dim: 64" in capsys.readouterr().out
+    assert main(["print-config", "model.nope=1"]) == 2
+    assert "model.nope" in capsys.readouterr().err

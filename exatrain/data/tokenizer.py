@@ -1,0 +1,149 @@
+"""Byte-level tokenizers on top of the `tokenizers` library, trained locally, never downloaded.
+
+Two kinds: `bpe` (byte-level BPE trained on the job's documents) and `byte` (the 256 bytes,
+no merges). Both put the special tokens `<bos>`, `<eos>`, `<pad>` at ids 0, 1, 2 and never
+produce them from text: a document that contains the string "<eos>" is encoded as bytes.
+
+A trained BPE tokenizer is identified by a key over the training data's digest and the
+settings. It is looked up in the package's corpus directory (the shipped tokenizer for the
+default corpus), then in the cache directory, and trained and cached there on a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from exatrain.config import TokenizerConfig
+
+logger = logging.getLogger("exatrain.data")
+
+SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
+SHIPPED_DIR = Path(__file__).resolve().parent / "corpus"
+_TRAINER_VERSION = 1  # bump when training settings change, so cached tokenizers are not reused
+
+
+class Tokenizer:
+    """The few operations training and evaluation need; specials are never added implicitly."""
+
+    def __init__(self, backend: HFTokenizer):
+        backend.encode_special_tokens = True  # "<bos>" inside a document is text, not a control token
+        ids = {tok: backend.token_to_id(tok) for tok in SPECIAL_TOKENS}
+        missing = [tok for tok, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks the special tokens {missing}; exatrain needs {list(SPECIAL_TOKENS)}")
+        self._backend = backend
+        self.bos_id: int = ids["<bos>"]
+        self.eos_id: int = ids["<eos>"]
+        self.pad_id: int = ids["<pad>"]
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self.digest = hashlib.sha256(backend.to_str().encode()).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def save(self, path: str | Path) -> None:
+        """Atomic: a reader never sees a half-written file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(self._backend.to_str(pretty=True), encoding="utf-8")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        return cls(HFTokenizer.from_file(str(path)))
+
+
+def _byte_level(model: models.Model) -> HFTokenizer:
+    backend = HFTokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _byte_symbols() -> list[str]:
+    """The byte-level pre-tokenizer's symbol for each byte value 0..255, in byte order.
+
+    Printable Latin-1 bytes stand for themselves; the others are shifted to code points 256+.
+    """
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+
+
+def byte_tokenizer() -> Tokenizer:
+    """Specials at 0..2, then byte value b at id b + 3."""
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + _byte_symbols())}
+    backend = _byte_level(models.BPE(vocab=vocab, merges=[]))
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return Tokenizer(backend)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Deterministic for the same texts in the same order (checked by the tests)."""
+    backend = _byte_level(models.BPE())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    return Tokenizer(backend)
+
+
+def tokenizer_filename(cfg: TokenizerConfig, data_digest: str) -> str:
+    settings = {"kind": cfg.kind, "vocab_size": cfg.vocab_size, "data": data_digest, "version": _TRAINER_VERSION}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return f"tokenizer-{cfg.kind}{cfg.vocab_size}-{key}.json"
+
+
+def build_tokenizer(cfg: TokenizerConfig, texts: Iterable[str], data_digest: str, cache_dir: Path) -> Tokenizer:
+    """Explicit path, else byte-level, else shipped or cached BPE, else train and cache.
+
+    `texts` is only consumed when training; `data_digest` identifies them.
+    """
+    if cfg.path:
+        logger.info("tokenizer: loading %s", cfg.path)
+        return Tokenizer.load(cfg.path)
+    if cfg.kind == "byte":
+        return byte_tokenizer()
+    name = tokenizer_filename(cfg, data_digest)
+    for directory in (SHIPPED_DIR, cache_dir):
+        if (directory / name).is_file():
+            logger.info("tokenizer: loading %s", directory / name)
+            return Tokenizer.load(directory / name)
+    start = time.perf_counter()
+    tokenizer = train_bpe(texts, cfg.vocab_size)
+    tokenizer.save(cache_dir / name)
+    logger.info("tokenizer: trained BPE (vocab %d) in %.1fs -> %s",
+                tokenizer.vocab_size, time.perf_counter() - start, cache_dir / name)
+    return tokenizer
+
+
+def ship_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, data_digest: str, directory: Path = SHIPPED_DIR) -> Path:
+    """Train the tokenizer for a corpus and store it where `build_tokenizer` finds it first."""
+    path = directory / tokenizer_filename(cfg, data_digest)
+    for stale in directory.glob(f"tokenizer-{cfg.kind}{cfg.vocab_size}-*.json"):
+        stale.unlink()
+    train_bpe(texts, cfg.vocab_size).save(path)
+    return path

@@ -1,0 +1,109 @@
+"""What runs on every rank of a submitted job: train, stop cleanly on the pre-limit signal, requeue.
+
+Slurm sends SIGUSR2 `launch.signal_s` seconds before the time limit (`#SBATCH --signal`), and
+`scancel --signal=USR2` does the same for a preemption. The handler only asks the trainer to stop;
+the trainer agrees across ranks at the next step boundary, writes a checkpoint and returns
+"preempted". Rank 0 then requeues the job, every rank exits without a result, and the requeued job
+resumes from that checkpoint (checkpoint.resume=auto). submitit's own handler would checkpoint from
+inside the signal handler, mid-step; ours replaces it for this reason.
+
+A failing rank logs its rank, host and error before re-raising; srun --kill-on-bad-exit then ends
+the other ranks, so the job fails promptly instead of hanging in a collective.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from exatrain.launch.bootstrap import detect_rank
+from exatrain.launch.slurm import requeue
+
+log = logging.getLogger("exatrain.launch")
+
+STOP_SIGNAL = signal.SIGUSR2
+
+
+class RankFailed(RuntimeError):
+    """Raised from a failed rank so the submitter's traceback starts with who failed and where."""
+
+
+def install_stop_handler(signum: int = STOP_SIGNAL) -> None:
+    """On `signum`, ask the trainer to checkpoint and return at the next step boundary."""
+    from exatrain.train.trainer import request_stop
+
+    def handler(num: int, _frame: Any) -> None:
+        request_stop(f"received {signal.Signals(num).name} (time limit or preemption)")
+
+    signal.signal(signum, handler)
+
+
+def _node_local_dirs() -> None:
+    """MIOpen does not create its cache directory, and it lives on node-local /tmp (see frontier.yaml)."""
+    for var in ("MIOPEN_USER_DB_PATH", "MIOPEN_CUSTOM_CACHE_DIR"):
+        if os.environ.get(var):
+            os.makedirs(os.environ[var], exist_ok=True)
+
+
+class TrainJob:
+    """The callable submitit pickles: one training run on every rank of the allocation."""
+
+    def __init__(self, config: dict[str, Any], max_requeues: int):
+        self.config = config
+        self.max_requeues = max_requeues
+
+    def __call__(self) -> Any:
+        from exatrain.config import from_dict
+        from exatrain.train.trainer import train
+
+        faulthandler.enable()  # a segfault or fatal signal still prints this rank's Python stack
+        install_stop_handler()
+        _node_local_dirs()
+        info = detect_rank()
+        where = f"rank {info.rank}/{info.world_size} on {os.environ.get('SLURMD_NODENAME') or socket.gethostname()}"
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        # On stderr: it marks where this attempt starts in a requeued job's appended log.
+        print(f"exatrain: {where}, job {os.environ.get('SLURM_JOB_ID')}, restart {restarts}", file=sys.stderr,
+              flush=True)
+        try:
+            result = train(from_dict(self.config))
+        except Exception as exc:
+            print(f"exatrain: {where} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            raise RankFailed(f"{where} failed: {type(exc).__name__}: {exc}") from exc
+        if result.status != "preempted" or "SLURM_JOB_ID" not in os.environ:
+            return result  # outside Slurm there is nothing to requeue: the caller resubmits
+        if restarts >= self.max_requeues:
+            print(f"exatrain: stopped at step {result.step} and not requeued: {restarts} requeues already "
+                  f"(launch.max_requeues={self.max_requeues}); resubmit to continue", flush=True)
+            return result
+        if info.rank == 0:
+            job_id = os.environ["SLURM_JOB_ID"]
+            print(f"exatrain: checkpointed at step {result.step}; requeueing job {job_id}", flush=True)
+            requeue(job_id)
+        # No result file: the submitter keeps waiting for the requeued job's.
+        raise SystemExit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`srun python -m exatrain.launch.job CONFIG key=value...`: one rank of a job submitted with a plain
+    sbatch script (slurm/*.sbatch) instead of `exatrain launch`, with the same stop/requeue handling.
+    Exit status: 0 completed, 3 stopped without a requeue."""
+    from exatrain.cli import DEFAULT_CONFIG
+    from exatrain.config import load_config, to_dict
+
+    args = sys.argv[1:] if argv is None else argv
+    path, overrides = (args[0], args[1:]) if args and "=" not in args[0] else (DEFAULT_CONFIG, args)
+    cfg = load_config(path, overrides)
+    result = TrainJob(to_dict(cfg), cfg.launch.max_requeues)()
+    if int(os.environ.get("SLURM_PROCID", 0)) == 0:
+        print(f"exatrain: {result.status} at step {result.step}, loss {result.final_loss:.4f}, run dir {result.run_dir}")
+    return 0 if result.status == "completed" else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Cluster profiles and the Slurm plan: what `sbatch` and `srun` get for a job on a given cluster.
+
+A profile (configs/clusters/<name>.yaml) holds what is true of a machine: tasks (= GPUs) per node,
+cores per task, srun binding flags, modules and environment. LaunchConfig holds what is true of a
+job: nodes, time, account. `make_plan` merges them (job wins where set) into submitit's Slurm
+parameters; `render_sbatch` renders the exact batch script submitit would submit, for --dry-run.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from exatrain.config import CONFIG_DIR, ConfigError, LaunchConfig
+
+PROFILE_DIR = CONFIG_DIR / "clusters"
+
+
+@dataclass
+class ClusterProfile:
+    """One cluster's defaults; see configs/clusters/*.yaml."""
+
+    name: str = ""
+    description: str = ""
+    tasks_per_node: int = 1  # one rank per GPU (per GCD on MI250X); CPU clusters: ranks per node
+    gpus_per_node: int = 0  # GPUs a node has; > 0 requests one GPU per task
+    cpus_per_task: int = 1
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    sbatch: list[str] = field(default_factory=list)  # long sbatch options, "--exclusive", "--mem=0"
+    srun: list[str] = field(default_factory=list)  # srun options, "--gpu-bind=closest"
+    setup: list[str] = field(default_factory=list)  # batch-script lines before srun: modules, venv
+    env: dict[str, str] = field(default_factory=dict)  # exported before srun; may use $SLURM_* variables
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load_profile(name: str) -> ClusterProfile:
+    """A profile by name (configs/clusters/NAME.yaml) or by path to a YAML file."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PROFILE_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"launch.cluster: no cluster profile {name!r} (known: {', '.join(profile_names())}; "
+                          f"or give a path to a YAML file)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ClusterProfile), OmegaConf.load(path))
+        profile: ClusterProfile = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cluster profile {path}: {exc}") from None
+    profile.name = profile.name or path.stem
+    return profile
+
+
+def parse_long_options(options: list[str], what: str) -> dict[str, Any]:
+    """["--mem=0", "--exclusive"] -> {"mem": "0", "exclusive": True} (submitit's additional_parameters)."""
+    out: dict[str, Any] = {}
+    for opt in options:
+        m = re.fullmatch(r"--([A-Za-z][\w-]*)(?:=(.*))?", opt.strip())
+        if not m:
+            raise ConfigError(f"{what}: {opt!r} is not a long option like --name or --name=value")
+        out[m.group(1).replace("-", "_")] = True if m.group(2) is None else m.group(2)
+    return out
+
+
+@dataclass
+class SlurmPlan:
+    """Everything submitit needs for one job (or job array) on one cluster."""
+
+    cluster: str
+    job_name: str
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+    cpus_per_task: int
+    time_min: int
+    signal_s: int
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    sbatch: dict[str, Any] = field(default_factory=dict)
+    srun: list[str] = field(default_factory=list)
+    setup: list[str] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    def executor_parameters(self) -> dict[str, Any]:
+        """Keyword arguments of submitit.SlurmExecutor.update_parameters (its native names)."""
+        params: dict[str, Any] = {
+            "job_name": self.job_name, "nodes": self.nodes, "ntasks_per_node": self.tasks_per_node,
+            "cpus_per_task": self.cpus_per_task, "time": self.time_min, "signal_delay_s": self.signal_s,
+            "setup": self.setup, "srun_args": self.srun, "additional_parameters": self.sbatch,
+        }
+        if self.gpus_per_node:
+            params["gpus_per_node"] = self.gpus_per_node
+        for key in ("partition", "account", "qos", "constraint"):
+            if getattr(self, key):
+                params[key] = getattr(self, key)
+        return params
+
+
+def _env_line(key: str, value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_]\w*", key):
+        raise ConfigError(f"cluster profile env: {key!r} is not a valid variable name")
+    # Double quotes keep $VARS (e.g. $SLURM_JOB_ID) expanding at job time.
+    return f'export {key}="{value}"'
+
+
+def make_plan(launch: LaunchConfig, job_name: str) -> SlurmPlan:
+    """Merge the job's launch section over its cluster profile and check the result."""
+    profile = load_profile(launch.cluster)
+    tasks = launch.tasks_per_node or profile.tasks_per_node
+    if launch.nodes < 1:
+        raise ConfigError(f"launch.nodes: must be >= 1, got {launch.nodes}")
+    if tasks < 1:
+        raise ConfigError(f"launch.tasks_per_node: must be >= 1, got {tasks}")
+    if profile.gpus_per_node and tasks > profile.gpus_per_node:
+        raise ConfigError(f"launch.tasks_per_node: one task per GPU, and a {profile.name} node has "
+                          f"{profile.gpus_per_node} GPUs; got {tasks}")
+    if launch.time_min < 1:
+        raise ConfigError(f"launch.time_min: must be >= 1, got {launch.time_min}")
+    if not 0 <= launch.signal_s < launch.time_min * 60:
+        raise ConfigError(f"launch.signal_s: the stop signal must come within the time limit "
+                          f"({launch.time_min} min), got {launch.signal_s} s")
+    sbatch = {"requeue": True,  # so a preempted job can requeue itself even where JobRequeue=0
+              **parse_long_options(profile.sbatch, f"cluster profile {profile.name} sbatch"),
+              **parse_long_options(launch.sbatch_extra, "launch.sbatch_extra")}
+    parse_long_options(launch.srun_extra, "launch.srun_extra")  # only checked: srun gets them verbatim
+    # A rank that exits non-zero takes the whole step down instead of leaving the others blocked in a
+    # collective until the timeout.
+    srun = ["--kill-on-bad-exit=1", *profile.srun, *launch.srun_extra]
+    setup = [*profile.setup, *(_env_line(k, v) for k, v in profile.env.items())]
+    return SlurmPlan(
+        cluster=profile.name, job_name=job_name, nodes=launch.nodes, tasks_per_node=tasks,
+        gpus_per_node=tasks if profile.gpus_per_node else 0,
+        cpus_per_task=launch.cpus_per_task or profile.cpus_per_task, time_min=launch.time_min,
+        signal_s=launch.signal_s, partition=launch.partition or profile.partition,
+        account=launch.account or profile.account, qos=launch.qos or profile.qos,
+        constraint=launch.constraint or profile.constraint, sbatch=sbatch, srun=srun, setup=setup)
+
+
+def render_sbatch(plan: SlurmPlan, folder: Path, python: str, array_size: int = 0) -> str:
+    """The batch script submitit writes for this plan (its own renderer, so dry runs cannot drift)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = f"{python} -u -m submitit.core._submit {folder}"
+    return _make_sbatch_string(command=command, folder=folder, map_count=array_size or None,
+                               **plan.executor_parameters())
+
+
+def requeue(job_id: str) -> None:
+    """Put a running job back in the queue; it restarts in a new allocation with the same id."""
+    subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True, timeout=60)

@@ -1,4 +1,4 @@
-"""Command line: `exatrain train | print-config | launch ...`."""
+"""Command line: `exatrain train | print-config | launch | eval ...`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from exatrain.config import ConfigError, load_config, to_yaml
+from exatrain.launch.cli import add_launch_arguments
 
 DEFAULT_CONFIG = "tiny.yaml"
 
@@ -24,8 +25,10 @@ def _split_config(args: argparse.Namespace) -> tuple[str, list[str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from exatrain.launch.job import install_stop_handler
     from exatrain.train.trainer import train
 
+    install_stop_handler()
     path, overrides = _split_config(args)
     result = train(load_config(path, overrides))
     print(f"{result.status}: step {result.step}, loss {result.final_loss:.4f}, "
@@ -39,6 +42,26 @@ def cmd_print_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from exatrain.launch.cli import run_launch
+
+    path, overrides = _split_config(args)
+    return run_launch(path, overrides, args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from exatrain.eval.perplexity import evaluate_perplexity, format_table
+    from exatrain.parallel.checkpoint import CheckpointError
+
+    try:
+        result = evaluate_perplexity(args.run_dir, args.metadata or ["none", "real"], args.max_docs, device=args.device)
+    except (CheckpointError, ValueError) as exc:
+        print(f"exatrain: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exatrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("print-config", help="print the resolved config")
     _add_config_args(p)
     p.set_defaults(func=cmd_print_config)
+    p = sub.add_parser("launch", help="submit to Slurm through submitit (profiles in configs/clusters/)")
+    _add_config_args(p)
+    add_launch_arguments(p)
+    p.set_defaults(func=cmd_launch)
+    p = sub.add_parser("eval", help="held-out text perplexity of a trained run, with or without MeCo metadata")
+    p.add_argument("run_dir", help="run directory (latest checkpoint) or a checkpoints/step_* directory")
+    p.add_argument("--metadata", action="append", metavar="none|real|VALUE",
+                   help="condition, repeatable: none, real (the document's own domain) or a made-up value "
+                        "such as wikipedia.org (default: none and real)")
+    p.add_argument("--max-docs", type=int, default=None, help="evaluate only the first N held-out documents")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -65,6 +65,9 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig:
+    """kind bpe: byte-level BPE trained on the job's documents (cached; shipped for the default corpus);
+    kind byte: 256 bytes + specials. path: load this tokenizer.json instead (needs <bos>, <eos>, <pad>)."""
+
     kind: str = "bpe"
     vocab_size: int = 4096
     path: str = ""
@@ -72,7 +75,8 @@ class TokenizerConfig:
 
 @dataclass
 class MecoConfig:
-    """Metadata conditioning then cooldown (DESIGN.md §5)."""
+    """Metadata conditioning then cooldown (DESIGN.md §5). field url: the URL's host without www.;
+    any other field is used verbatim. missing: what to do with documents without it (fallback/skip/error)."""
 
     enabled: bool = False
     field: str = "url"
@@ -84,9 +88,12 @@ class MecoConfig:
 
 @dataclass
 class DataConfig:
+    """paths: JSONL ({"text", "url", ...}) or plain-text files (one document each), .gz too, or directories
+    of them; empty = the embedded default corpus (exatrain.data.documents)."""
+
     paths: list[str] = field(default_factory=list)
     seq_len: int = 256
-    val_fraction: float = 0.02
+    val_fraction: float = 0.05
     shuffle_seed: int = 1234
     document_masking: bool = True
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -139,6 +146,12 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
+    """Layout (exatrain.parallel, DESIGN.md §2): degrees tp·pp·dp_replicate·dp_shard = world size, one may be
+    -1 (inferred). zero_stage: native FSDP2 3 = reshard after forward, 2 = keep gathered until backward;
+    deepspeed 1/2/3. pp_microbatches: pipeline micro-batches per train.micro_batch (0 = one sequence each).
+    pp_stage_layers: layers per stage (empty = balanced). init: full = single-process init then shard
+    (identical across layouts), sharded = init the local shards only (O(params/ranks) memory)."""
+
     tp: int = 1
     pp: int = 1
     dp_shard: int = -1
@@ -151,6 +164,7 @@ class ParallelConfig:
     pp_microbatches: int = 0
     pp_virtual_stages: int = 1
     pp_stage_layers: list[int] = field(default_factory=list)
+    init: str = "full"
     timeout_s: int = 600
 
 
@@ -164,6 +178,9 @@ class CheckpointConfig:
 
 @dataclass
 class MetricsConfig:
+    """Per-step logging (exatrain.train.metrics). peak_tflops > 0 replaces the device's peak (dense TFLOP/s
+    per torch device, e.g. per MI250X GCD) as the MFU denominator; needed for GPUs not in exatrain.bench.peak."""
+
     log_every: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
@@ -172,15 +189,22 @@ class MetricsConfig:
 
 @dataclass
 class LaunchConfig:
+    """Slurm submission (exatrain.launch). cluster names a profile in configs/clusters/ (or a YAML path);
+    0 / "" take the profile's value. sbatch_extra and srun_extra are long options ("--mem=0")."""
+
     cluster: str = "local"
     nodes: int = 1
     tasks_per_node: int = 0
+    cpus_per_task: int = 0
     time_min: int = 60
     partition: str = ""
     account: str = ""
     qos: str = ""
     constraint: str = ""
     sbatch_extra: list[str] = field(default_factory=list)
+    srun_extra: list[str] = field(default_factory=list)
+    signal_s: int = 90
+    max_requeues: int = 5
 
 
 @dataclass
@@ -211,6 +235,7 @@ _CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.nan_policy": ("skip", "raise"),
     "parallel.engine": ("native", "deepspeed"),
+    "parallel.init": ("full", "sharded"),
     "parallel.pp_schedule": ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"),
 }
 
@@ -281,6 +306,17 @@ def validate(cfg: JobConfig) -> None:
     kv = m.n_kv_heads or m.n_heads
     _require(m.n_heads % kv == 0, "model.n_kv_heads", f"{kv} must divide model.n_heads={m.n_heads}")
     _require((m.dim // m.n_heads) % 2 == 0, "model.dim", "head dim (dim / n_heads) must be even for RoPE")
+    if m.attention == "s2":
+        s2, group = m.s2, m.n_heads // kv
+        _require(s2.block_size >= 16 and s2.block_size & (s2.block_size - 1) == 0, "model.s2.block_size",
+                 f"must be a power of two >= 16 (kernel tiles), got {s2.block_size}")
+        _require(s2.local_blocks >= 1, "model.s2.local_blocks", f"must be >= 1 (the diagonal block), got {s2.local_blocks}")
+        _require(s2.vert_stride >= 1, "model.s2.vert_stride", f"must be >= 1, got {s2.vert_stride}")
+        _require(0 <= s2.num_dense_heads <= m.n_heads and s2.num_dense_heads % group == 0, "model.s2.num_dense_heads",
+                 f"must be in [0, {m.n_heads}] and a multiple of the GQA group size {group}, got {s2.num_dense_heads}")
+        _require(s2.dense_period >= 0, "model.s2.dense_period", f"must be >= 0 (0: none), got {s2.dense_period}")
+        _require(all(0 <= i < m.n_layers for i in s2.dense_layers), "model.s2.dense_layers",
+                 f"layer indices must be in [0, {m.n_layers}), got {s2.dense_layers}")
     d = cfg.data
     _require(d.seq_len > 0, "data.seq_len", "must be positive")
     _require(d.seq_len <= m.max_seq_len, "data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
@@ -289,6 +325,14 @@ def validate(cfg: JobConfig) -> None:
              "a BPE vocabulary needs at least 259 entries (256 bytes + special tokens)")
     _require(0.0 <= d.meco.cooldown_fraction < 1.0, "data.meco.cooldown_fraction", "must be in [0, 1)")
     _require("{value}" in d.meco.template, "data.meco.template", "must contain the '{value}' placeholder")
+    try:
+        d.meco.template.format(value="example.org")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"data.meco.template: {d.meco.template!r} is not a valid format string with only "
+                          f"{{value}} ({exc!r}); write literal braces as '{{{{' and '}}}}'") from None
+    _require(bool(d.meco.field.strip()), "data.meco.field", "must name a document field, e.g. url or topic")
+    _require(d.meco.missing != "fallback" or bool(d.meco.fallback.strip()), "data.meco.fallback",
+             "must be non-empty when data.meco.missing=fallback")
     o = cfg.optim
     _require(o.lr > 0, "optim.lr", "must be positive")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)")
@@ -309,10 +353,11 @@ def validate(cfg: JobConfig) -> None:
     _require(t.micro_batch > 0 and t.global_batch > 0, "train.micro_batch", "batch sizes must be positive")
     _require(t.global_batch % t.micro_batch == 0, "train.global_batch",
              f"{t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}")
+    _require(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
+    _require(cfg.metrics.peak_tflops >= 0, "metrics.peak_tflops", "must be >= 0 (0 = look up or measure)")
     c = cfg.checkpoint
     _require(c.every >= 0 and c.keep >= 1, "checkpoint.keep", "keep must be >= 1 and every >= 0")
     p = cfg.parallel
-    for key in ("tp", "pp", "dp_replicate"):
-        _require(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1")
-    _require(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", "must be >= 1 or -1 (infer)")
+    for key in ("tp", "pp", "dp_shard", "dp_replicate"):
+        _require(getattr(p, key) == -1 or getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1 or -1 (infer)")
     _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "must be 1, 2 or 3")

@@ -43,3 +43,18 @@ def test_cli_print_config_and_error_exit(capsys):
     assert "dim: 64" in capsys.readouterr().out
     assert main(["print-config", "model.nope=1"]) == 2
     assert "model.nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, world, layout", [
+    ("22b", 16, "pp=8(v=1, microbatches=320) dp_replicate=1 dp_shard=2 tp=1 world=16"),
+    ("175b", 128, "pp=16(v=1, microbatches=320) dp_replicate=1 dp_shard=2 tp=4 world=128"),
+    ("1t", 1024, "pp=128(v=1, microbatches=512) dp_replicate=1 dp_shard=2 tp=4 world=1024"),
+])
+def test_frontier_recipes_are_valid_layouts(name, world, layout):
+    from exatrain.bench.flops import non_embedding_params
+    from exatrain.parallel import ParallelDims
+
+    cfg = load_config(f"{name}-frontier.yaml", ["model.vocab_size=50304"])
+    assert ParallelDims.from_config(cfg, world).describe() == layout
+    billions = {"22b": 22, "175b": 175, "1t": 1000}[name]
+    assert non_embedding_params(cfg.model) / 1e9 == pytest.approx(billions, rel=0.02)

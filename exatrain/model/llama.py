@@ -69,13 +69,15 @@ class Attention(nn.Module):
         self.attend = layer_attention(cfg, layer_idx)
         self.head_offset = 0
 
-    def forward(self, x, cos, sin, doc_ids):
+    def forward(self, x, cos, sin, doc_ids, cache=None):
+        """`cache` (a layer cache from exatrain.model.generate) stores this step's K/V and attends over it."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.attend(q, k, v, doc_ids=doc_ids, scale=self.scale, head_offset=self.head_offset)
+        attend = self.attend if cache is None else cache.attend
+        out = attend(q, k, v, doc_ids=doc_ids, scale=self.scale, head_offset=self.head_offset)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -110,8 +112,9 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg.dim, ffn_hidden_dim(cfg))
         self.res_mult = cfg.mup.res_mult if cfg.mup.enabled else 1.0
 
-    def forward(self, x, cos, sin, doc_ids):
-        x = x + self.res_mult * self.attention(self.attention_norm(x), cos, sin, doc_ids)
+    def forward(self, x, cos, sin, doc_ids, cache=None):
+        extra = () if cache is None else (cache,)  # keep the attention call's arity for TP input plans
+        x = x + self.res_mult * self.attention(self.attention_norm(x), cos, sin, doc_ids, *extra)
         return x + self.res_mult * self.feed_forward(self.ffn_norm(x))
 
 
@@ -146,12 +149,18 @@ class Transformer(nn.Module):
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V); a middle pipeline stage takes and returns hidden states."""
+                doc_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V); a middle pipeline stage takes and returns hidden states.
+
+        `cache` (exatrain.model.generate.KVCache) is for incremental decoding; pass `positions` with it.
+        """
         h = self.tok_embeddings(tokens) * self.emb_mult if self.tok_embeddings is not None else tokens
         cos, sin = self.rope(positions, h.shape[1])
         for layer in self.layers.values():
-            h = layer(h, cos, sin, doc_ids)
+            if cache is None:
+                h = layer(h, cos, sin, doc_ids)
+            else:
+                h = layer(h, cos, sin, doc_ids, cache.layer(layer.layer_idx))
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:

@@ -1,0 +1,50 @@
+"""Shared test utilities: tiny job overrides and subprocess launches that cannot hang the suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY = [
+    "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.max_seq_len=64",
+    "data.seq_len=64", "train.global_batch=4", "train.micro_batch=2", "train.steps=12",
+    "train.eval_every=0", "train.eval_batches=1", "checkpoint.every=4", "schedule.warmup_steps=2",
+    "metrics.tensorboard=false", "metrics.progress_bar=false", "metrics.log_every=1",
+]
+
+
+def env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "EXATRAIN_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def run(cmd: list[str], cache: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command with a hard timeout; on failure the assertion shows its output."""
+    proc = subprocess.run(cmd, cwd=REPO, env=env(cache), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def train_cmd(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "exatrain", "train", "tiny.yaml", f"run_dir={run_dir}", *TINY, *overrides]
+
+
+def torchrun_cmd(nproc: int, run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
+            "-m", "exatrain", "train", "tiny.yaml", f"run_dir={run_dir}", *TINY, *overrides]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss per step from metrics.jsonl; a resumed run's later record for a step wins."""
+    out: dict[int, float] = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind", "train") == "train" and "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out

@@ -1,0 +1,118 @@
+"""End-to-end trainer behaviour: learning, DP equivalence, exact resume after SIGKILL, bad checkpoints."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from exatrain.config import load_config
+from exatrain.parallel.checkpoint import CheckpointError, list_checkpoints
+from exatrain.train import trainer
+from helpers import REPO, TINY, env, losses, run, torchrun_cmd, train_cmd
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["EXATRAIN_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache) -> Path:
+    """One uninterrupted single-process run that several tests compare against."""
+    run_dir = tmp_path_factory.mktemp("ref")
+    run(train_cmd(run_dir), cache)
+    return run_dir
+
+
+def test_loss_decreases_on_default_corpus(tmp_path, cache):
+    cfg = load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path}", "train.steps=40", "checkpoint.every=0",
+                                    "optim.lr=1e-2", "train.eval_batches=2"])
+    result = trainer.train(cfg)
+    curve = losses(tmp_path)
+    assert result.status == "completed" and result.step == 40
+    assert sum(list(curve.values())[-5:]) / 5 < curve[1] - 0.5
+    assert result.val_loss < curve[1] - 0.5
+    assert list_checkpoints(tmp_path / "checkpoints")[-1].name == "step_00000040"
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path, cache, reference):
+    proc = subprocess.Popen(train_cmd(tmp_path, "checkpoint.keep=5"), cwd=REPO, env=env(cache),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = tmp_path / "checkpoints" / "step_00000008"
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert target.exists(), "the run never reached its step-8 checkpoint"
+    killed_at = max(losses(tmp_path))
+    assert killed_at < 12
+    run(train_cmd(tmp_path, "checkpoint.keep=5"), cache)
+    assert losses(tmp_path) == losses(reference)
+
+
+def test_dp2_matches_single_process(tmp_path, cache, reference):
+    run(torchrun_cmd(2, tmp_path), cache, timeout=300)
+    ref, dp = losses(reference), losses(tmp_path)
+    assert ref.keys() == dp.keys()
+    for step in ref:
+        assert dp[step] == pytest.approx(ref[step], rel=1e-5)
+
+
+def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, cache, reference):
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    ckpts = tmp_path / "checkpoints"
+    latest = list_checkpoints(ckpts)[-1]
+    shutil.rmtree(latest)
+    partial = ckpts / (latest.name + ".tmp")
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"half-written")
+    previous = list_checkpoints(ckpts)[-1]
+    cfg = load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path}"])
+    assert trainer.Checkpointer(tmp_path, cfg.checkpoint).resume_path() == previous
+    run(train_cmd(tmp_path), cache)
+    assert losses(tmp_path)[12] == losses(reference)[12]
+    assert not partial.exists()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, cache, reference):
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    latest = list_checkpoints(tmp_path / "checkpoints")[-1]
+    shard = next(latest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    cfg = load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path}", "train.steps=20"])
+    with pytest.raises(CheckpointError, match="corrupt.*truncated"):
+        trainer.train(cfg)
+
+
+def test_incompatible_checkpoint_names_the_difference(tmp_path, cache, reference):
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    cfg = load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path}", "train.steps=20", "model.n_layers=3"])
+    with pytest.raises(CheckpointError, match="model.n_layers: checkpoint 2 vs run 3"):
+        trainer.train(cfg)
+
+
+def test_stop_request_checkpoints_and_resumes(tmp_path, cache, reference, monkeypatch):
+    cfg = load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path}"])
+    real_split = trainer.split_micro
+    calls = {"n": 0}
+
+    def split_and_stop(batch, micro_batch):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            trainer.request_stop("test preemption")
+        return real_split(batch, micro_batch)
+
+    monkeypatch.setattr(trainer, "split_micro", split_and_stop)
+    first = trainer.train(cfg)
+    assert first.status == "preempted" and first.step == 6
+    monkeypatch.setattr(trainer, "split_micro", real_split)
+    second = trainer.train(load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path}"]))
+    assert second.status == "completed"
+    assert losses(tmp_path) == losses(reference)

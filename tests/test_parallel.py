@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
@@ -285,3 +286,20 @@ def test_3d_checkpoint_loads_in_one_process(launch_8, single_process):
     ref = reference_for(CASES_8["reshard_3d_to_dp8_to_3d"][0])
     assert abs(got["loss"][0] - ref["loss"][2]) / ref["loss"][2] <= EXACT
     assert abs(got["grad_norm"][0] - ref["grad_norm"][2]) / ref["grad_norm"][2] <= EXACT
+
+
+def test_non_finite_gradients_skip_the_step(single_process):
+    """A step whose gradients are non-finite leaves weights and optimizer state untouched; training goes on."""
+    cfg, _, _, engine = _engine()
+    batches = global_batches(cfg, 2)
+    part = engine.model_parts[0]
+    before = {k: v.clone() for k, v in part.state_dict().items()}
+    hook = part.layers["0"].attention.wq.weight.register_hook(lambda g: g * float("nan"))
+    stats = engine.train_step(rank_micro_batches(batches[0], 0, 1, cfg.train.micro_batch), n_labels(batches[0]),
+                              cfg.optim.lr)
+    hook.remove()
+    assert stats.skipped and stats.grad_norm != stats.grad_norm
+    assert all(torch.equal(v, part.state_dict()[k]) for k, v in before.items())
+    assert not engine.optimizers[0].state
+    got = _train(engine, cfg, batches[1:])
+    assert all(x == x for x in got["loss"] + got["grad_norm"]) and engine.optimizers[0].state

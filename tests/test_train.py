@@ -1,5 +1,7 @@
 """End-to-end trainer behaviour: learning, DP equivalence, exact resume after SIGKILL, bad checkpoints."""
 
+import json
+import math
 import os
 import shutil
 import signal
@@ -11,6 +13,7 @@ import pytest
 
 from exatrain.config import load_config
 from exatrain.parallel.checkpoint import CheckpointError, list_checkpoints
+from exatrain.parallel.engine import NativeEngine
 from exatrain.train import trainer
 from helpers import REPO, TINY, env, losses, run, torchrun_cmd, train_cmd
 
@@ -116,3 +119,29 @@ def test_stop_request_checkpoints_and_resumes(tmp_path, cache, reference, monkey
     second = trainer.train(load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path}"]))
     assert second.status == "completed"
     assert losses(tmp_path) == losses(reference)
+
+
+def test_non_finite_steps_are_skipped_or_raise(tmp_path, cache, monkeypatch):
+    """nan_policy=skip logs and counts a poisoned step and trains on; raise stops with advice."""
+    real_step = NativeEngine.train_step
+
+    def poisoned(self, micro, n_labels, lr):
+        if not getattr(self, "_poisoned", False):
+            self._poisoned = True
+            hook = self.model_parts[0].output.weight.register_hook(lambda g: g * float("inf"))
+            try:
+                return real_step(self, micro, n_labels, lr)
+            finally:
+                hook.remove()
+        return real_step(self, micro, n_labels, lr)
+
+    monkeypatch.setattr(NativeEngine, "train_step", poisoned)
+    overrides = [*TINY, "train.steps=3", "checkpoint.every=0", "checkpoint.save_final=false"]
+    result = trainer.train(load_config("tiny.yaml", [*overrides, f"run_dir={tmp_path / 'skip'}"]))
+    records = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r and r.get("kind", "train") == "train"]
+    assert result.status == "completed" and [r.get("skipped", 0) for r in train] == [1, 0, 0]
+    assert all(math.isfinite(r["loss"]) for r in train[1:])
+    with pytest.raises(FloatingPointError, match="nan_policy=skip"):
+        trainer.train(load_config("tiny.yaml", [*overrides, f"run_dir={tmp_path / 'raise'}",
+                                                "train.nan_policy=raise"]))

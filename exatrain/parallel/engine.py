@@ -76,6 +76,7 @@ class StepStats:
 
     loss: float
     grad_norm: float
+    skipped: bool = False  # non-finite gradients: no optimizer step was taken
 
 
 def clean_fqn(name: str) -> str:
@@ -274,6 +275,11 @@ class NativeEngine:
                 local = local + self._run(b, train=True).float().cpu()
         finalize_grads(self.model_parts)
         norm = grad_norm(self.model_parts, self.mesh, self.device)
+        if not torch.isfinite(norm):
+            # The norm is global, so every rank skips together and weights and optimizer state stay intact.
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            return StepStats(loss=self._global_sum(local), grad_norm=norm.item(), skipped=True)
         clip = self.cfg.optim.grad_clip
         if clip > 0:
             coef = min(1.0, clip / (norm.item() + 1e-6))

@@ -91,6 +91,21 @@ def count_labels(micro: list[Batch], replicas: int) -> int:
     return int(_all_reduce(local)) // replicas
 
 
+def check_finite(stats, step: int, policy: str) -> None:
+    """nan_policy=skip: a step whose gradients are non-finite was skipped by the engine (logged, counted in
+    metrics as `skipped`); nan_policy=raise, or an engine that cannot skip, stops the run."""
+    if math.isfinite(stats.loss) and math.isfinite(stats.grad_norm):
+        return
+    if stats.skipped and policy == "skip":
+        log.warning("step %d: non-finite loss/gradients (loss %s, grad norm %s); optimizer step skipped",
+                    step, stats.loss, stats.grad_norm)
+        return
+    where = "the weights are unchanged" if stats.skipped else "the weights may now be non-finite"
+    raise FloatingPointError(f"step {step}: non-finite loss {stats.loss} / grad norm {stats.grad_norm} "
+                             f"({where}); lower optim.lr or raise optim.grad_clip and resume from the last "
+                             "checkpoint, or set train.nan_policy=skip to skip such steps")
+
+
 def layout_of(dims: ParallelDims) -> dict[str, int]:
     return {k: getattr(dims, k) for k in ("pp", "dp_replicate", "dp_shard", "tp")}
 
@@ -173,14 +188,14 @@ def _train(cfg: JobConfig) -> TrainResult:
         t_data = time.perf_counter() - t0
         lr = schedule.lr(state.tokens_seen, cfg.train.global_batch)
         stats = engine.train_step(micro, n_labels, lr)
-        if not math.isfinite(stats.loss) and cfg.train.nan_policy == "raise":
-            raise FloatingPointError(f"non-finite loss {stats.loss} at step {state.step + 1}")
+        check_finite(stats, state.step + 1, cfg.train.nan_policy)
         loss = stats.loss
         state.step += 1
         state.tokens_seen += tokens_per_step
         elapsed = time.perf_counter() - t0
         metrics.log_step(state.step, {
             "loss": stats.loss, "grad_norm": stats.grad_norm, "lr": lr, "tokens_seen": state.tokens_seen,
+            **({"skipped": 1} if stats.skipped else {}),
             **throughput(tokens_per_step, elapsed, fpt, peak, info.world_size),
             "peak_mem_gb": peak_memory_bytes(device) / 2**30, "data_wait_pct": 100 * t_data / elapsed,
         })

@@ -68,6 +68,17 @@ def test_dp2_matches_single_process(tmp_path, cache, reference):
         assert dp[step] == pytest.approx(ref[step], rel=1e-5)
 
 
+def test_mpirun_two_ranks_train_like_one_process(tmp_path, cache, reference):
+    """Launched by Open MPI instead of torchrun: mpi4py supplies ranks and the rendezvous address."""
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun is not installed (scripts/setup.sh installs Open MPI when run as root)")
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", *train_cmd(tmp_path)]
+    run(cmd, cache, timeout=300)
+    ref, got = losses(reference), losses(tmp_path)
+    assert ref.keys() == got.keys()
+    assert all(got[s] == pytest.approx(ref[s], rel=1e-5) for s in ref)
+
+
 def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, cache, reference):
     shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
     ckpts = tmp_path / "checkpoints"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from exatrain.config import ConfigError, load_config, to_yaml
@@ -31,8 +32,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     install_stop_handler()
     path, overrides = _split_config(args)
     result = train(load_config(path, overrides))
-    print(f"{result.status}: step {result.step}, loss {result.final_loss:.4f}, "
-          f"val loss {result.val_loss:.4f}, run dir {result.run_dir}")
+    loss = f"loss {result.final_loss:.4f}, " if math.isfinite(result.final_loss) else ""
+    print(f"{result.status}: step {result.step}, {loss}val loss {result.val_loss:.4f}, run dir {result.run_dir}")
     return 0 if result.status == "completed" else 3
 
 

@@ -160,6 +160,10 @@ def _train(cfg: JobConfig) -> TrainResult:
     resume_from = ckpt.resume_path()
     if resume_from is not None:
         state = ckpt.load(resume_from, engine, data.train, cfg)
+    resumed_step = state.step if resume_from is not None else -1
+    if state.step >= cfg.train.steps:
+        log.info("run already complete (step %d of %d): evaluating only; raise train.steps to train further",
+                 state.step, cfg.train.steps)
 
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
     total_tokens = cfg.train.steps * tokens_per_step
@@ -211,7 +215,7 @@ def _train(cfg: JobConfig) -> TrainResult:
         val_loss = val["val_loss"]
         if last_eval_step != state.step:
             metrics.log_eval(state.step, val)
-        if cfg.checkpoint.save_final:
+        if cfg.checkpoint.save_final and state.step != resumed_step:
             ckpt.save(state.step, engine, data.train, state, cfg, layout_of(dims))
     metrics.close()
     return TrainResult(status, state.step, loss, run_dir, val_loss)

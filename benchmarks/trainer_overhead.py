@@ -2,6 +2,8 @@
 
 Both run the same model, batch shape, optimizer and clipping on one process; the trainer adds
 data loading, LR schedule, metrics, per-step logging and the engine. The bar is overhead <= 5%.
+Both use plain causal attention (data.document_masking=false): document-masked attention is a
+feature with its own cost (a masked SDPA instead of the causal kernel), not trainer overhead.
 The two loops alternate `--repeats` times and each keeps its best median, so a neighbour's burst
 of load on a shared machine does not decide the comparison.
 
@@ -32,7 +34,7 @@ def job(args, run_dir: str):
         f"run_dir={run_dir}", f"model.dim={args.dim}", f"model.n_layers={args.layers}",
         f"model.max_seq_len={args.seq}", f"data.seq_len={args.seq}", f"train.steps={args.steps}",
         f"train.global_batch={args.batch}", f"train.micro_batch={args.batch}", "train.eval_every=0",
-        "train.eval_batches=1", "checkpoint.every=0", "checkpoint.save_final=false",
+        "train.eval_batches=1", "checkpoint.every=0", "checkpoint.save_final=false", "data.document_masking=false",
         "metrics.tensorboard=false", "metrics.progress_bar=false", "metrics.log_every=1",
     ])
 

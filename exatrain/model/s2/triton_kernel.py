@@ -23,12 +23,18 @@ from exatrain.model.s2.pattern import S2Pattern
 
 
 @triton.jit
+def _load_rows(ptr, base, rows, offs_d, T, D: tl.constexpr):
+    """A (rows, head dim) tile of a (T, D) matrix at `base`, zero outside it."""
+    return tl.load(ptr + base + rows[:, None] * D + offs_d[None, :], mask=(rows[:, None] < T) & (offs_d[None, :] < D),
+                   other=0.0)
+
+
+@triton.jit
 def _fwd_block(q, m_i, l_i, acc, K, V, Docs, doc_q, kv_base, b, kb, offs_m, offs_d, scale, T,
                D: tl.constexpr, BLOCK: tl.constexpr, HAS_DOCS: tl.constexpr):
     offs_n = kb * BLOCK + tl.arange(0, BLOCK)
-    kv_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
-    k = tl.load(K + kv_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + kv_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _load_rows(K, kv_base, offs_n, offs_d, T, D)
+    v = _load_rows(V, kv_base, offs_n, offs_d, T, D)
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < T)
     if HAS_DOCS:
@@ -56,8 +62,7 @@ def _s2_fwd(Q, K, V, Docs, Phase, Out, Lse, scale, T, H, G,
     kv_base = (b * (H // G) + h // G) * T * D
     offs_m = qb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :],
-                mask=(offs_m[:, None] < T) & (offs_d[None, :] < D), other=0.0)
+    q = _load_rows(Q, q_base, offs_m, offs_d, T, D)
     doc_q = offs_m
     if HAS_DOCS:
         doc_q = tl.load(Docs + b * T + offs_m, mask=offs_m < T, other=-1)
@@ -96,9 +101,8 @@ def _bwd_probs(q, k, Lse, Docs, doc_k, bh, b, offs_m, offs_n, scale, T,
 def _dkdv_block(k, v, dk, dv, Q, DO, Lse, Delta, Docs, doc_k, bh, b, qb, offs_n, offs_d, scale, T,
                 D: tl.constexpr, BLOCK: tl.constexpr, HAS_DOCS: tl.constexpr):
     offs_m = qb * BLOCK + tl.arange(0, BLOCK)
-    q_mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-    q = tl.load(Q + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
+    q = _load_rows(Q, bh * T * D, offs_m, offs_d, T, D)
+    do = _load_rows(DO, bh * T * D, offs_m, offs_d, T, D)
     delta = tl.load(Delta + bh * T + offs_m, mask=offs_m < T, other=0.0)
     p = _bwd_probs(q, k, Lse, Docs, doc_k, bh, b, offs_m, offs_n, scale, T, BLOCK, HAS_DOCS)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
@@ -119,9 +123,8 @@ def _s2_dkdv(Q, K, V, DO, Lse, Delta, Docs, Phase, DK, DV, scale, T, H, G, n_blo
     kv_base = (b * (H // G) + h // G) * T * D
     offs_n = kb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
-    k = tl.load(K + kv_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + kv_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _load_rows(K, kv_base, offs_n, offs_d, T, D)
+    v = _load_rows(V, kv_base, offs_n, offs_d, T, D)
     doc_k = offs_n
     if HAS_DOCS:
         doc_k = tl.load(Docs + b * T + offs_n, mask=offs_n < T, other=-2)
@@ -135,6 +138,7 @@ def _s2_dkdv(Q, K, V, DO, Lse, Delta, Docs, Phase, DK, DV, scale, T, H, G, n_blo
         dk, dv = _dkdv_block(k, v, dk, dv, Q, DO, Lse, Delta, Docs, doc_k, bh, b, qb, offs_n, offs_d, scale, T,
                              D, BLOCK, HAS_DOCS)
     out_base = bh * T * D + offs_n[:, None] * D + offs_d[None, :]
+    kv_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
     tl.store(DK + out_base, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_base, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -143,9 +147,8 @@ def _s2_dkdv(Q, K, V, DO, Lse, Delta, Docs, Phase, DK, DV, scale, T, H, G, n_blo
 def _dq_block(q, do, delta, dq, K, V, Lse, Docs, kv_base, bh, b, kb, offs_m, offs_d, scale, T,
               D: tl.constexpr, BLOCK: tl.constexpr, HAS_DOCS: tl.constexpr):
     offs_n = kb * BLOCK + tl.arange(0, BLOCK)
-    kv_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
-    k = tl.load(K + kv_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + kv_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _load_rows(K, kv_base, offs_n, offs_d, T, D)
+    v = _load_rows(V, kv_base, offs_n, offs_d, T, D)
     doc_k = offs_n
     if HAS_DOCS:
         doc_k = tl.load(Docs + b * T + offs_n, mask=offs_n < T, other=-2)
@@ -167,8 +170,8 @@ def _s2_dq(Q, K, V, DO, Lse, Delta, Docs, Phase, DQ, scale, T, H, G,
     offs_m = qb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     q_mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-    q = tl.load(Q + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
+    q = _load_rows(Q, bh * T * D, offs_m, offs_d, T, D)
+    do = _load_rows(DO, bh * T * D, offs_m, offs_d, T, D)
     delta = tl.load(Delta + bh * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros((BLOCK, BLOCK_D), tl.float32)
     far_start = tl.where(phase < 0, 0, phase)

@@ -72,7 +72,8 @@ def test_union_of_heads_covers_the_context_and_heads_differ(p):
 def test_homo_head_and_dense_heads():
     homo = S2Pattern(16, 2, 4, 4, homo_head=True).block_mask(30)
     assert all(torch.equal(homo[0], homo[i]) for i in range(4))
-    p = S2Pattern(16, 2, 4, 8, 4, num_dense_heads=4)
+    with pytest.warns(UserWarning, match="cannot cover all 4 stride phases"):
+        p = S2Pattern(16, 2, 4, 8, 4, num_dense_heads=4)
     m = p.block_mask(30)
     assert torch.equal(m[0], torch.ones(30, 30, dtype=torch.bool).tril()) and torch.equal(m[0], m[1])
     assert not torch.equal(m[2], m[1])

@@ -4,12 +4,12 @@ reference loop written without the engine, so the engine is checked against inde
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from exatrain.config import JobConfig, load_config
+from exatrain.data import Batch
 from exatrain.model.llama import build_model, materialize
 from exatrain.train.mup import param_groups
 
@@ -19,14 +19,6 @@ TINY = [
     "train.global_batch=8", "train.micro_batch=2", "train.seed=7", "optim.lr=0.01", "optim.grad_clip=0.5",
 ]
 STEPS = 3
-
-
-@dataclass
-class Batch:
-    tokens: torch.Tensor
-    labels: torch.Tensor
-    positions: torch.Tensor
-    doc_ids: torch.Tensor
 
 
 def tiny_cfg(overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:

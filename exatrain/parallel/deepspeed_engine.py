@@ -22,7 +22,15 @@ from exatrain.config import ConfigError, JobConfig
 from exatrain.model.llama import materialize
 from exatrain.parallel.activation_checkpoint import apply_activation_checkpointing
 from exatrain.parallel.dims import ParallelDims
-from exatrain.parallel.engine import IGNORE_INDEX, Batch, StepStats, build_optimizer, ce_sum, clean_fqn
+from exatrain.parallel.engine import (
+    IGNORE_INDEX,
+    Batch,
+    StepStats,
+    build_optimizer,
+    ce_sum,
+    clean_fqn,
+    model_inputs,
+)
 
 _ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
@@ -68,10 +76,7 @@ class DeepSpeedEngine:
         self._deepspeed = ds
 
     def _forward_loss(self, b: Batch, n_labels: int) -> torch.Tensor:
-        tokens = b.tokens.to(self.device)
-        kwargs = {"positions": b.positions.to(self.device)} if b.positions is not None else {}
-        if b.doc_ids is not None:
-            kwargs["doc_ids"] = b.doc_ids.to(self.device)
+        tokens, kwargs = model_inputs(b, self.device)
         return ce_sum(self.ds(tokens, **kwargs), b.labels.to(self.device)) / n_labels
 
     def _global_sum(self, local: torch.Tensor) -> float:

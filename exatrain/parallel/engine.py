@@ -92,6 +92,17 @@ def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            reduction="sum")
 
 
+def model_inputs(b: Batch, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Tokens and the model's keyword inputs on `device`; positions are always given (pipeline stages
+    split every keyword tensor into micro-batches)."""
+    tokens = b.tokens.to(device)
+    positions = b.positions if b.positions is not None else torch.arange(tokens.shape[1]).expand_as(tokens)
+    kwargs = {"positions": positions.to(device)}
+    if b.doc_ids is not None:
+        kwargs["doc_ids"] = b.doc_ids.to(device)
+    return tokens, kwargs
+
+
 def build_optimizer(part: nn.Module, cfg: JobConfig) -> torch.optim.Optimizer:
     groups = param_groups(part, cfg)
     for g in groups:
@@ -228,17 +239,9 @@ class NativeEngine:
     def _pp_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return ce_sum(logits, labels) / self._n_labels
 
-    def _inputs(self, b: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        tokens = b.tokens.to(self.device)
-        positions = b.positions if b.positions is not None else torch.arange(tokens.shape[1]).expand_as(tokens)
-        kwargs = {"positions": positions.to(self.device)}
-        if b.doc_ids is not None:
-            kwargs["doc_ids"] = b.doc_ids.to(self.device)
-        return tokens, kwargs
-
     def _run(self, b: Batch, train: bool) -> torch.Tensor:
         """Forward (+ backward when training) one micro-batch; returns this rank's share of the loss."""
-        tokens, kwargs = self._inputs(b)
+        tokens, kwargs = model_inputs(b, self.device)
         labels = b.labels.to(self.device)
         if self.schedule is None:
             loss = ce_sum(self.model_parts[0](tokens, **kwargs), labels) / self._n_labels

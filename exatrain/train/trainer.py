@@ -170,9 +170,13 @@ def _train(cfg: JobConfig) -> TrainResult:
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = peak_tflops(device, cfg.train.dtype, cfg.metrics.peak_tflops)
     metrics = MetricsLogger(run_dir, cfg.metrics, info.rank, cfg.train.steps, start_step=state.step)
-    layout = "·".join(f"{k}{v}" for k, v in layout_of(dims).items())
+    layout = layout_of(dims)
     log.info("model: %.2fM params, layout %s, %d tokens/step, %d steps, peak %.3g TFLOP/s (%s)",
-             n_params / 1e6, layout, tokens_per_step, cfg.train.steps, peak.tflops, peak.source)
+             n_params / 1e6, "·".join(f"{k}{v}" for k, v in layout.items()), tokens_per_step, cfg.train.steps,
+             peak.tflops, peak.source)
+
+    def checkpoint() -> None:
+        ckpt.save(state.step, engine, data.train, state, cfg, layout)
 
     loss = float("nan")
     status = "completed"
@@ -181,7 +185,7 @@ def _train(cfg: JobConfig) -> TrainResult:
         reason = _stop_agreed()
         if reason:
             log.warning("stopping at step %d: %s", state.step, reason)
-            ckpt.save(state.step, engine, data.train, state, cfg, layout_of(dims))
+            checkpoint()
             status = "preempted"
             break
         t0 = time.perf_counter()
@@ -207,7 +211,7 @@ def _train(cfg: JobConfig) -> TrainResult:
             last_eval, last_eval_step = evaluate(engine, data.val, cfg), state.step
             metrics.log_eval(state.step, last_eval)
         if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and state.step < cfg.train.steps:
-            ckpt.save(state.step, engine, data.train, state, cfg, layout_of(dims))
+            checkpoint()
 
     val_loss = float("nan")
     if status == "completed":
@@ -216,7 +220,7 @@ def _train(cfg: JobConfig) -> TrainResult:
         if last_eval_step != state.step:
             metrics.log_eval(state.step, val)
         if cfg.checkpoint.save_final and state.step != resumed_step:
-            ckpt.save(state.step, engine, data.train, state, cfg, layout_of(dims))
+            checkpoint()
     metrics.close()
     return TrainResult(status, state.step, loss, run_dir, val_loss)
 

@@ -30,6 +30,15 @@ def _load_rows(ptr, base, rows, offs_d, T, D: tl.constexpr):
 
 
 @triton.jit
+def _program_head(Phase, T, H, G, D: tl.constexpr):
+    """This program's (batch x query head) index, batch, its KV unit's stride phase (< 0: dense) and the
+    offset of its KV head's (T, D) matrix; grid axis 1 runs over batch x query heads."""
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    return bh, b, tl.load(Phase + h // G), (b * (H // G) + h // G) * T * D
+
+
+@triton.jit
 def _fwd_block(q, m_i, l_i, acc, K, V, Docs, doc_q, kv_base, b, kb, offs_m, offs_d, scale, T,
                D: tl.constexpr, BLOCK: tl.constexpr, HAS_DOCS: tl.constexpr):
     offs_n = kb * BLOCK + tl.arange(0, BLOCK)
@@ -55,11 +64,8 @@ def _s2_fwd(Q, K, V, Docs, Phase, Out, Lse, scale, T, H, G,
             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, LOCAL: tl.constexpr,
             STRIDE: tl.constexpr, HAS_DOCS: tl.constexpr):
     qb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    phase = tl.load(Phase + h // G)
+    bh, b, phase, kv_base = _program_head(Phase, T, H, G, D)
     q_base = bh * T * D
-    kv_base = (b * (H // G) + h // G) * T * D
     offs_m = qb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q, q_base, offs_m, offs_d, T, D)
@@ -117,10 +123,7 @@ def _s2_dkdv(Q, K, V, DO, Lse, Delta, Docs, Phase, DK, DV, scale, T, H, G, n_blo
              D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, LOCAL: tl.constexpr,
              STRIDE: tl.constexpr, HAS_DOCS: tl.constexpr):
     kb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    phase = tl.load(Phase + h // G)
-    kv_base = (b * (H // G) + h // G) * T * D
+    bh, b, phase, kv_base = _program_head(Phase, T, H, G, D)
     offs_n = kb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_rows(K, kv_base, offs_n, offs_d, T, D)
@@ -163,10 +166,7 @@ def _s2_dq(Q, K, V, DO, Lse, Delta, Docs, Phase, DQ, scale, T, H, G,
            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, LOCAL: tl.constexpr,
            STRIDE: tl.constexpr, HAS_DOCS: tl.constexpr):
     qb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    phase = tl.load(Phase + h // G)
-    kv_base = (b * (H // G) + h // G) * T * D
+    bh, b, phase, kv_base = _program_head(Phase, T, H, G, D)
     offs_m = qb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     q_mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)

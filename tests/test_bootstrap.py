@@ -82,6 +82,7 @@ info = init_distributed("cpu", 60)
 t = torch.tensor([float(info.rank + 1)])
 dist.all_reduce(t)
 print(f"{info.launcher} rank={info.rank} size={info.world_size} local={info.local_rank} sum={t.item():g}")
+dist.destroy_process_group()  # exiting with a live gloo group can abort ("terminate called without an active exception")
 """
 
 

@@ -1,13 +1,23 @@
 """Typed job configuration: nested dataclasses, loaded from YAML plus dotlist overrides.
 
-OmegaConf structured configs give us type checking and unknown-key rejection for free;
-`validate` adds the cross-field checks (divisibility, ranges) with messages that say
-what to change. Every section lives here so there is one place to read a job's knobs.
+Every section lives here so there is one place to read a job's knobs. A config goes through
+three stages, each once (`load_config` does all three):
+
+1. parse (`parse_config`): defaults <- YAML file <- dotlist overrides; OmegaConf structured configs
+   reject unknown keys and wrong types;
+2. resolve (`resolve_config`): derived values are filled in place (vocabulary size from the
+   tokenizer, FFN width, KV heads, a method's callbacks), by resolvers the owning modules register;
+3. validate (`validate`): ranges and cross-field checks with messages that say what to change;
+   allowed choices come from the registries (exatrain.registry), and each method validates its
+   own section through a registered validator (S2 in exatrain.model.s2, MeCo in exatrain.train.meco).
+
+Layout checks that need the world size live in exatrain.parallel.dims and run when it is known.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +26,10 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from exatrain.errors import ConfigError
+from exatrain.registry import ATTENTION, CALLBACKS, CONVERTERS, ENGINES, RESOLVERS, SCHEDULES, VALIDATORS, load_plugins
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and the fix."""
+__all__ = ["ConfigError", "JobConfig", "finalize_config", "load_config", "parse_config", "resolve_config", "validate"]
 
 
 @dataclass
@@ -58,7 +69,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     init_std: float = 0.02
+    vocab_multiple_of: int = 1  # pad the vocabulary (Megatron's make-vocab-size-divisible-by)
     attention: str = "sdpa"
+    converters: list[str] = field(default_factory=list)  # exatrain.registry.CONVERTERS, applied in order
     s2: S2Config = field(default_factory=S2Config)
     mup: MupConfig = field(default_factory=MupConfig)
 
@@ -89,9 +102,11 @@ class MecoConfig:
 @dataclass
 class DataConfig:
     """paths: JSONL ({"text", "url", ...}) or plain-text files (one document each), .gz too, or directories
-    of them; empty = the embedded default corpus (exatrain.data.documents)."""
+    of them; empty = the embedded default corpus (exatrain.data.documents). cache_dir: trained
+    tokenizers and tokenized arrays (default $EXATRAIN_CACHE, else ~/.cache/exatrain)."""
 
     paths: list[str] = field(default_factory=list)
+    cache_dir: str = "${oc.env:EXATRAIN_CACHE,'~/.cache/exatrain'}"
     seq_len: int = 256
     val_fraction: float = 0.05
     shuffle_seed: int = 1234
@@ -142,6 +157,8 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     nan_policy: str = "skip"
+    callbacks: list[str] = field(default_factory=list)  # exatrain.registry.CALLBACKS, after the methods' own
+    stop_signal: str = "SIGUSR2"  # checkpoint and stop at the next step on this signal ("" = none)
 
 
 @dataclass
@@ -209,8 +226,11 @@ class LaunchConfig:
 
 @dataclass
 class JobConfig:
+    """plugins: extra modules imported before resolution (on every rank) to register components."""
+
     name: str = "tiny"
     run_dir: str = "runs/${name}"
+    plugins: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -222,21 +242,27 @@ class JobConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped inside the package
+DEFAULT_CONFIG = "tiny.yaml"
 
+# Fixed enumerations; keys whose values name registered components are checked against the registries.
 _CHOICES = {
-    "model.attention": ("sdpa", "flash", "s2", "reference"),
     "data.tokenizer.kind": ("bpe", "byte"),
-    "data.meco.missing": ("fallback", "skip", "error"),
-    "schedule.name": ("constant", "cosine", "wsd", "power"),
-    "schedule.decay_kind": ("linear", "exponential", "cosine"),
     "train.dtype": ("fp32", "bf16"),
     "train.activation_checkpointing": ("none", "selective", "full"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.nan_policy": ("skip", "raise"),
-    "parallel.engine": ("native", "deepspeed"),
     "parallel.init": ("full", "sharded"),
     "parallel.pp_schedule": ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"),
+}
+_REGISTRY_CHOICES = {
+    "model.attention": ATTENTION,
+    "schedule.name": SCHEDULES,
+    "parallel.engine": ENGINES,
+}
+_REGISTRY_LISTS = {
+    "model.converters": CONVERTERS,
+    "train.callbacks": CALLBACKS,
 }
 
 
@@ -250,24 +276,70 @@ def _resolve_path(path: str | Path) -> Path:
     raise ConfigError(f"config file not found: {path} (also looked in {CONFIG_DIR})")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
-    """Load defaults <- YAML file <- dotlist overrides, then validate."""
-    schema = OmegaConf.structured(JobConfig)
+def split_config_args(args: list[str]) -> tuple[str, list[str]]:
+    """`[CONFIG] key=value ...` -> (config, overrides); without a config the default one (tiny.yaml)."""
+    if args and "=" not in args[0]:
+        return args[0], list(args[1:])
+    return DEFAULT_CONFIG, list(args)
+
+
+def _to_object(merged: Any, source: str) -> JobConfig:
     try:
-        merged = schema
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        where = f" key {key!r}" if key else ""
+        raise ConfigError(f"invalid config{where}{source}: {str(exc).splitlines()[0]}") from None
+
+
+def parse_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Defaults <- YAML file <- dotlist overrides, type-checked but neither resolved nor validated."""
+    merged = OmegaConf.structured(JobConfig)
+    try:
         if path is not None:
             merged = OmegaConf.merge(merged, OmegaConf.load(_resolve_path(path)))
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        cfg: JobConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         where = f" key {key!r}" if key else ""
         raise ConfigError(f"invalid config{where}: {str(exc).splitlines()[0]}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    return _to_object(merged, "")
+
+
+def with_overrides(cfg: JobConfig, overrides: list[str] | tuple[str, ...]) -> JobConfig:
+    """A copy of a parsed (unresolved) config with dotlist overrides applied; resolve it afterwards, so
+    derived values follow the overrides (a sweep over model.dim gets its own FFN width)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid override in {' '.join(overrides)}: {str(exc).splitlines()[0]}") from None
+    return _to_object(merged, f" (overrides {' '.join(overrides)})")
+
+
+def resolve_config(cfg: JobConfig) -> JobConfig:
+    """A copy of `cfg` with interpolations (`${name}`, `${oc.env:...}`) and derived values filled in, after
+    importing the job's plugins; resolving a resolved config changes nothing."""
+    cfg = _to_object(OmegaConf.structured(cfg), "")
+    load_plugins(cfg.plugins)
+    cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser())
+    for resolve in RESOLVERS:
+        resolve(cfg)
+    return cfg
+
+
+def finalize_config(cfg: JobConfig) -> JobConfig:
+    """Resolve and validate a parsed (or hand-built) config: the config a job runs with."""
+    cfg = resolve_config(cfg)
     validate(cfg)
     return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Parse, resolve and validate the config file `path` (a path or a name under exatrain/configs/)."""
+    return finalize_config(parse_config(path, overrides))
 
 
 def to_yaml(cfg: JobConfig) -> str:
@@ -279,7 +351,11 @@ def to_dict(cfg: JobConfig) -> dict[str, Any]:
 
 
 def from_dict(d: dict[str, Any]) -> JobConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), d))  # type: ignore[return-value]
+    """A config from `to_dict` (already resolved and validated, e.g. a checkpoint's or a submitted job's);
+    its plugins are imported so the components it names are registered in this process."""
+    cfg: JobConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), d))  # type: ignore[assignment]
+    load_plugins(cfg.plugins)
+    return cfg
 
 
 def _get(cfg: JobConfig, dotted: str) -> Any:
@@ -289,75 +365,50 @@ def _get(cfg: JobConfig, dotted: str) -> Any:
     return obj
 
 
-def _require(cond: bool, key: str, msg: str) -> None:
+def require(cond: bool, key: str, msg: str) -> None:
+    """Raise ConfigError("key: msg") unless `cond`: the one form every validator reports in."""
     if not cond:
         raise ConfigError(f"{key}: {msg}")
 
 
 def validate(cfg: JobConfig) -> None:
-    """Single-process checks; layout checks against the world size live in parallel.dims."""
+    """Checks of a resolved config that need no world size (layouts: exatrain.parallel.dims)."""
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
-        _require(value in choices, key, f"got {value!r}, expected one of {', '.join(choices)}")
-    m = cfg.model
-    for key in ("dim", "n_layers", "n_heads", "max_seq_len"):
-        _require(getattr(m, key) > 0, f"model.{key}", "must be positive")
-    _require(m.dim % m.n_heads == 0, "model.dim", f"{m.dim} is not divisible by model.n_heads={m.n_heads}")
-    kv = m.n_kv_heads or m.n_heads
-    _require(m.n_heads % kv == 0, "model.n_kv_heads", f"{kv} must divide model.n_heads={m.n_heads}")
-    _require((m.dim // m.n_heads) % 2 == 0, "model.dim", "head dim (dim / n_heads) must be even for RoPE")
-    if m.attention == "s2":
-        s2, group = m.s2, m.n_heads // kv
-        _require(s2.block_size >= 16 and s2.block_size & (s2.block_size - 1) == 0, "model.s2.block_size",
-                 f"must be a power of two >= 16 (kernel tiles), got {s2.block_size}")
-        _require(s2.local_blocks >= 1, "model.s2.local_blocks", f"must be >= 1 (the diagonal block), got {s2.local_blocks}")
-        _require(s2.vert_stride >= 1, "model.s2.vert_stride", f"must be >= 1, got {s2.vert_stride}")
-        _require(0 <= s2.num_dense_heads <= m.n_heads and s2.num_dense_heads % group == 0, "model.s2.num_dense_heads",
-                 f"must be in [0, {m.n_heads}] and a multiple of the GQA group size {group}, got {s2.num_dense_heads}")
-        _require(s2.dense_period >= 0, "model.s2.dense_period", f"must be >= 0 (0: none), got {s2.dense_period}")
-        _require(all(0 <= i < m.n_layers for i in s2.dense_layers), "model.s2.dense_layers",
-                 f"layer indices must be in [0, {m.n_layers}), got {s2.dense_layers}")
+        require(value in choices, key, f"got {value!r}, expected one of {', '.join(choices)}")
+    for key, reg in _REGISTRY_CHOICES.items():
+        reg.get(_get(cfg, key))
+    for key, reg in _REGISTRY_LISTS.items():
+        names = _get(cfg, key)
+        require(len(set(names)) == len(names), key, f"lists a name twice: {names}")
+        for name in names:
+            reg.get(name)
     d = cfg.data
-    _require(d.seq_len > 0, "data.seq_len", "must be positive")
-    _require(d.seq_len <= m.max_seq_len, "data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
-    _require(d.tokenizer.vocab_size >= 259 or d.tokenizer.kind == "byte", "data.tokenizer.vocab_size",
-             "a BPE vocabulary needs at least 259 entries (256 bytes + special tokens)")
-    _require(0.0 <= d.meco.cooldown_fraction < 1.0, "data.meco.cooldown_fraction", "must be in [0, 1)")
-    _require("{value}" in d.meco.template, "data.meco.template", "must contain the '{value}' placeholder")
-    try:
-        d.meco.template.format(value="example.org")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(f"data.meco.template: {d.meco.template!r} is not a valid format string with only "
-                          f"{{value}} ({exc!r}); write literal braces as '{{{{' and '}}}}'") from None
-    _require(bool(d.meco.field.strip()), "data.meco.field", "must name a document field, e.g. url or topic")
-    _require(d.meco.missing != "fallback" or bool(d.meco.fallback.strip()), "data.meco.fallback",
-             "must be non-empty when data.meco.missing=fallback")
+    require(d.seq_len > 0, "data.seq_len", "must be positive")
+    require(d.seq_len <= cfg.model.max_seq_len, "data.seq_len",
+            f"{d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    require(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+    require(d.tokenizer.vocab_size >= 259 or d.tokenizer.kind == "byte", "data.tokenizer.vocab_size",
+            "a BPE vocabulary needs at least 259 entries (256 bytes + special tokens)")
     o = cfg.optim
-    _require(o.lr > 0, "optim.lr", "must be positive")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)")
-    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
-    s = cfg.schedule
-    _require(s.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
-    _require(0.0 <= s.decay_fraction < 1.0, "schedule.decay_fraction", "must be in [0, 1)")
-    _require(0.0 <= s.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "must be in [0, 1]")
-    _require(s.power_b < 0, "schedule.power_b", f"must be negative (the LR decays as tokens^b), got {s.power_b}")
-    _require(s.power_a > 0, "schedule.power_a", "must be positive")
-    _require(s.power_lr_max > 0, "schedule.power_lr_max", "must be positive")
-    mp = m.mup
-    _require(mp.base_dim > 0, "model.mup.base_dim", "must be positive")
-    _require(mp.emb_mult > 0, "model.mup.emb_mult", "must be positive")
-    _require(mp.res_mult > 0, "model.mup.res_mult", "must be positive")
+    require(o.lr > 0, "optim.lr", "must be positive")
+    require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)")
+    require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
     t = cfg.train
-    _require(t.steps > 0, "train.steps", "must be positive")
-    _require(t.micro_batch > 0 and t.global_batch > 0, "train.micro_batch", "batch sizes must be positive")
-    _require(t.global_batch % t.micro_batch == 0, "train.global_batch",
-             f"{t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}")
-    _require(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
-    _require(cfg.metrics.peak_tflops >= 0, "metrics.peak_tflops", "must be >= 0 (0 = look up or measure)")
+    require(t.steps > 0, "train.steps", "must be positive")
+    require(t.micro_batch > 0 and t.global_batch > 0, "train.micro_batch", "batch sizes must be positive")
+    require(t.global_batch % t.micro_batch == 0, "train.global_batch",
+            f"{t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}")
+    require(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
+    require(cfg.metrics.peak_tflops >= 0, "metrics.peak_tflops", "must be >= 0 (0 = look up or measure)")
     c = cfg.checkpoint
-    _require(c.every >= 0 and c.keep >= 1, "checkpoint.keep", "keep must be >= 1 and every >= 0")
+    require(c.every >= 0 and c.keep >= 1, "checkpoint.keep", "keep must be >= 1 and every >= 0")
     p = cfg.parallel
     for key in ("tp", "pp", "dp_shard", "dp_replicate"):
-        _require(getattr(p, key) == -1 or getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1 or -1 (infer)")
-    _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "must be 1, 2 or 3")
+        require(getattr(p, key) == -1 or getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1 or -1 (infer)")
+    require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "must be 1, 2 or 3")
+    if t.stop_signal:
+        require(t.stop_signal in signal.Signals.__members__, "train.stop_signal",
+            f"{t.stop_signal!r} is not a signal name (e.g. SIGUSR2), or '' for none")
+    for check in VALIDATORS:
+        check(cfg)

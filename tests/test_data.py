@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from exatrain.config import JobConfig, TokenizerConfig, validate
+from exatrain.config import JobConfig, TokenizerConfig, finalize_config
 from exatrain.data import Batch, build_data, load_documents
 from exatrain.data.dataset import IGNORE_INDEX
 from exatrain.data.documents import EMBEDDED_CORPUS, files_digest
@@ -45,8 +45,7 @@ def make_cfg(paths: list[Path], seq_len: int = 64, **data) -> JobConfig:
     cfg.data.val_fraction = 0.1
     for key, value in data.items():
         setattr(cfg.data, key, value)
-    validate(cfg)
-    return cfg
+    return finalize_config(cfg)
 
 
 @pytest.fixture()

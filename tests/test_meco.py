@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from exatrain.config import JobConfig, MecoConfig, validate
-from exatrain.data import build_data, metadata_enabled, metadata_prompt
+from exatrain.config import JobConfig, MecoConfig, finalize_config
+from exatrain.data import build_data, metadata_prompt
 from exatrain.data.dataset import IGNORE_INDEX, PackedLoader
 from exatrain.data.meco import url_domain
 from exatrain.data.tokenizer import SHIPPED_DIR, Tokenizer
+from exatrain.train.meco import MecoCooldown
 
 SHIPPED = next(SHIPPED_DIR.glob("tokenizer-bpe4096-*.json"))
 WORDS = "the statement returns a value when its argument is evaluated before the loop ends".split()
@@ -49,8 +50,7 @@ def make_cfg(tmp_path: Path, recs: list[dict], **meco) -> JobConfig:
     cfg.data.meco.enabled = True
     for key, value in meco.items():
         setattr(cfg.data.meco, key, value)
-    validate(cfg)
-    return cfg
+    return finalize_config(cfg)
 
 
 def documents_in(loader: PackedLoader, n_batches: int, tok: Tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -204,8 +204,9 @@ def test_switch_at_document_boundary_is_immediate(tmp_path: Path, tok: Tokenizer
 
 
 def test_metadata_schedule():
-    cfg = MecoConfig(enabled=True, cooldown_fraction=0.1)
-    assert metadata_enabled(cfg, 0, 1000) and metadata_enabled(cfg, 899, 1000)
-    assert not metadata_enabled(cfg, 900, 1000) and not metadata_enabled(cfg, 1000, 1000)
-    assert not metadata_enabled(MecoConfig(enabled=False), 0, 1000)
-    assert metadata_enabled(MecoConfig(enabled=True, cooldown_fraction=0.0), 999, 1000)
+    meco = MecoCooldown(MecoConfig(enabled=True, cooldown_fraction=0.1), 1000)
+    assert meco.metadata_on(0) and meco.metadata_on(899)
+    assert not meco.metadata_on(900) and not meco.metadata_on(1000)
+    assert meco.last_metadata_step(100) == 9 and meco.last_metadata_step(300) == 3
+    assert not MecoCooldown(MecoConfig(enabled=False), 1000).metadata_on(0)
+    assert MecoCooldown(MecoConfig(enabled=True, cooldown_fraction=0.0), 1000).metadata_on(999)

@@ -38,7 +38,7 @@ def test_infers_the_minus_one_degree():
     (8, ["parallel.tp=8", "parallel.dp_shard=1"], "must divide model.n_heads=4"),
     (4, ["parallel.tp=4", "parallel.dp_shard=1"], "must divide the KV heads"),
     (2, ["parallel.tp=2", "parallel.dp_shard=1", "model.vocab_size=63"], "pad the vocabulary"),
-    (2, ["parallel.tp=2", "parallel.dp_shard=1", "model.ffn_hidden=63"], "FFN hidden size 63"),
+    (2, ["parallel.tp=2", "parallel.dp_shard=1", "model.ffn_hidden=63"], "FFN hidden size model.ffn_hidden=63"),
     (2, ["parallel.tp=2", "parallel.dp_shard=1", "data.seq_len=15"], "parallel.sequence_parallel=false"),
     (2, ["parallel.pp=2", "parallel.dp_shard=1", "model.tie_embeddings=true"], "set model.tie_embeddings=false"),
     (4, ["parallel.pp=4", "parallel.dp_shard=1", "parallel.pp_schedule=Interleaved1F1B",

@@ -44,7 +44,6 @@ CASES = {
 }
 
 
-@pytest.mark.filterwarnings("ignore:S2 pattern.*cannot cover")  # partial-coverage cases are tested on purpose
 @pytest.mark.parametrize("docs", [0.0, 0.02], ids=["one_doc", "packed_docs"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_blocksparse_matches_reference(name, docs):

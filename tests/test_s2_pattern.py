@@ -72,8 +72,8 @@ def test_union_of_heads_covers_the_context_and_heads_differ(p):
 def test_homo_head_and_dense_heads():
     homo = S2Pattern(16, 2, 4, 4, homo_head=True).block_mask(30)
     assert all(torch.equal(homo[0], homo[i]) for i in range(4))
-    with pytest.warns(UserWarning, match="cannot cover all 4 stride phases"):
-        p = S2Pattern(16, 2, 4, 8, 4, num_dense_heads=4)
+    p = S2Pattern(16, 2, 4, 8, 4, num_dense_heads=4)
+    assert not p.covers_context
     m = p.block_mask(30)
     assert torch.equal(m[0], torch.ones(30, 30, dtype=torch.bool).tril()) and torch.equal(m[0], m[1])
     assert not torch.equal(m[2], m[1])
@@ -128,6 +128,8 @@ def test_bad_config_is_rejected_with_the_key(override, key):
         load_config(None, ["model.attention=s2", "model.n_heads=4", "model.n_kv_heads=2", override])
 
 
-def test_too_few_heads_for_the_stride_warns():
+def test_too_few_heads_for_the_stride_warns_once_at_config_time():
+    assert not S2Pattern(16, 2, 8, 4).covers_context and S2Pattern(16, 2, 4, 4).covers_context
     with pytest.warns(UserWarning, match="cannot cover all 8 stride phases"):
-        S2Pattern(16, 2, 8, 4)
+        load_config(None, ["model.attention=s2", "model.n_heads=4", "model.n_kv_heads=4", "model.s2.block_size=16",
+                           "model.s2.vert_stride=8"])

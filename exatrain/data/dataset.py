@@ -40,29 +40,15 @@ import torch
 import torch.distributed as dist
 
 from exatrain.config import DataConfig, JobConfig, MecoConfig
+from exatrain.data.batch import IGNORE_INDEX, Batch
 from exatrain.data.documents import DataStats, files_digest, read_documents, resolve_files
 from exatrain.data.meco import MetadataPrefixes, build_prefixes, metadata_value
 from exatrain.data.tokenizer import Tokenizer, build_tokenizer
 
 logger = logging.getLogger("exatrain.data")
 
-IGNORE_INDEX = -100
 _CACHE_VERSION = 1
 _ENCODE_CHUNK = 1024  # documents per tokenizer call
-
-
-@dataclass
-class Batch:
-    """One rank's rows; all torch.long of shape (rows, seq_len)."""
-
-    tokens: torch.Tensor
-    labels: torch.Tensor
-    positions: torch.Tensor
-    doc_ids: torch.Tensor
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                        for f in dataclasses.fields(self)})
 
 
 # --------------------------------------------------------------------------- store
@@ -372,12 +358,13 @@ def _prepare_once(cfg: DataConfig, cache_dir: Path) -> tuple[Tokenizer, TokenSto
     return prepared or _prepare(cfg, cache_dir)
 
 
-def build_data(cfg: JobConfig, dp_rank: int, dp_size: int, cache_dir: Path) -> DataBundle:
-    """Tokenizer, train and validation loaders for data-parallel rank `dp_rank` of `dp_size`."""
+def build_data(cfg: JobConfig, dp_rank: int, dp_size: int, cache_dir: Path | str | None = None) -> DataBundle:
+    """Tokenizer, train and validation loaders for data-parallel rank `dp_rank` of `dp_size`; caches go to
+    `cache_dir` (default data.cache_dir)."""
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} out of range for dp_size {dp_size}")
     d = cfg.data
-    cache_dir = Path(cache_dir)
+    cache_dir = Path(cache_dir if cache_dir is not None else d.cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
     tokenizer, store = _prepare_once(d, cache_dir)
     stats = store.stats

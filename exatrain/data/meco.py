@@ -90,11 +90,6 @@ def build_prefixes(tokenizer: Tokenizer, cfg: MecoConfig, values: list[str], val
     return MetadataPrefixes(table, index)
 
 
-def metadata_enabled(cfg: MecoConfig, tokens_seen: int, total_tokens: int) -> bool:
-    """On for the first (1 - cooldown_fraction) of the token budget, then the plain-text cooldown."""
-    return cfg.enabled and tokens_seen < (1.0 - cfg.cooldown_fraction) * total_tokens
-
-
 def metadata_prompt(tokenizer: Tokenizer, cfg: MecoConfig, text: str, value: str | None) -> list[int]:
     """Prompt ids as in training: `<bos>`, the prefix for `value` (real or made up) unless None, the text.
 

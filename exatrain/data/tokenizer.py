@@ -22,7 +22,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from exatrain.config import TokenizerConfig
+from exatrain.config import ConfigError, JobConfig, TokenizerConfig
+from exatrain.registry import config_resolver
 
 logger = logging.getLogger("exatrain.data")
 
@@ -147,3 +148,27 @@ def ship_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, data_digest: str,
         stale.unlink()
     train_bpe(texts, cfg.vocab_size).save(path)
     return path
+
+
+def configured_vocab_size(cfg: TokenizerConfig) -> int:
+    """The vocabulary a job's tokenizer will have, known without reading the corpus: the file's size for
+    `path`, 256 bytes + specials for `byte`, the requested size for `bpe` (a BPE trained on a small corpus
+    may come out smaller; its unused ids just never occur)."""
+    if cfg.path:
+        try:
+            return Tokenizer.load(cfg.path).vocab_size
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a plain Exception on bad JSON
+            raise ConfigError(f"data.tokenizer.path: cannot load {cfg.path}: {exc}") from None
+    if cfg.kind == "byte":
+        return 256 + len(SPECIAL_TOKENS)
+    return cfg.vocab_size
+
+
+@config_resolver
+def resolve_vocab_size(cfg: JobConfig) -> None:
+    """model.vocab_size 0 means the tokenizer's; either is padded up to model.vocab_multiple_of."""
+    m = cfg.model
+    vocab = m.vocab_size or configured_vocab_size(cfg.data.tokenizer)
+    if m.vocab_multiple_of > 0:
+        vocab = -(-vocab // m.vocab_multiple_of) * m.vocab_multiple_of
+    m.vocab_size = vocab

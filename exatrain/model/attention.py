@@ -1,6 +1,7 @@
-"""Attention backends behind one call signature.
+"""Attention backends behind one call signature, registered by name (`model.attention`).
 
-Every backend takes q (B, H, T, D), k and v (B, Hkv, T, D) and optional per-token document
+A registered backend is a factory `(model_cfg, layer_idx) -> attention function`, so a backend
+may differ per layer (S2's hybrid models keep some layers dense). Every attention function takes q (B, H, T, D), k and v (B, Hkv, T, D) and optional per-token document
 ids (B, T) and returns (B, H, T, D). Grouped-query heads are expanded here, once, so
 backends only see matching head counts. `head_offset` is the global index of the first
 local head; it matters for patterns that differ per head (S2) under tensor parallelism.
@@ -14,6 +15,9 @@ from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from exatrain.config import ModelConfig
+from exatrain.registry import ATTENTION
 
 
 class AttentionFn(Protocol):
@@ -78,21 +82,16 @@ def flash_attention(q, k, v, *, doc_ids, scale, head_offset):
     return out.view(B, T, H, D).transpose(1, 2)
 
 
-_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
-    "sdpa": sdpa_attention,
-    "reference": reference_attention,
-    "flash": flash_attention,
-}
+AttentionFactory = Callable[[ModelConfig, int], AttentionFn]
+
+for _name, _fn in (("sdpa", sdpa_attention), ("reference", reference_attention), ("flash", flash_attention)):
+    ATTENTION.register(_name, lambda _cfg, _layer, fn=_fn: fn)
 
 
-def register_backend(name: str, fn: Callable[..., torch.Tensor]) -> None:
-    _BACKENDS[name] = fn
-
-
-def get_backend(name: str) -> Callable[..., torch.Tensor]:
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
-    return _BACKENDS[name]
+def layer_attention(cfg: ModelConfig, layer_idx: int) -> AttentionFn:
+    """The attention function of layer `layer_idx`, from the backend registered as `cfg.attention`."""
+    factory: AttentionFactory = ATTENTION.get(cfg.attention)
+    return factory(cfg, layer_idx)
 
 
 def default_scale(head_dim: int, mup: bool) -> float:

@@ -14,15 +14,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exatrain.config import ModelConfig
-from exatrain.model.attention import default_scale, get_backend
+from exatrain.config import ConfigError, JobConfig, ModelConfig, require
+from exatrain.model.attention import default_scale, layer_attention
+from exatrain.registry import config_resolver, config_validator
 
 
 def ffn_hidden_dim(cfg: ModelConfig) -> int:
+    """model.ffn_hidden, or Llama's 2/3 · 4·dim rounded up to model.multiple_of when it is 0."""
     if cfg.ffn_hidden:
         return cfg.ffn_hidden
     hidden = int(2 * 4 * cfg.dim / 3)
     return cfg.multiple_of * math.ceil(hidden / cfg.multiple_of)
+
+
+@config_resolver
+def resolve_model(cfg: JobConfig) -> None:
+    """Fill the derived model sizes so the run's config.yaml states the model it trains."""
+    m = cfg.model
+    m.n_kv_heads = m.n_kv_heads or m.n_heads
+    if m.dim > 0 and m.multiple_of > 0:
+        m.ffn_hidden = ffn_hidden_dim(m)
+
+
+@config_validator
+def validate_model(cfg: JobConfig) -> None:
+    m = cfg.model
+    for key in ("dim", "n_layers", "n_heads", "max_seq_len", "ffn_hidden", "multiple_of", "vocab_multiple_of"):
+        require(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    require(m.dim % m.n_heads == 0, "model.dim", f"{m.dim} is not divisible by model.n_heads={m.n_heads}")
+    require(m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+            f"{m.n_kv_heads} must divide model.n_heads={m.n_heads}")
+    require((m.dim // m.n_heads) % 2 == 0, "model.dim", "head dim (dim / n_heads) must be even for RoPE")
+    require(m.vocab_size > 0, "model.vocab_size", "must be positive (0 = the tokenizer's, set at resolution)")
+    for key in ("base_dim", "emb_mult", "res_mult"):
+        require(getattr(m.mup, key) > 0, f"model.mup.{key}", "must be positive")
 
 
 def width_mult(cfg: ModelConfig) -> float:
@@ -81,16 +106,6 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
-def layer_attention(cfg: ModelConfig, layer_idx: int):
-    """The attention function of one layer: S2 for sparse layers of an S2 model, else the named backend."""
-    if cfg.attention == "s2":
-        from exatrain.model.s2 import layer_attention as s2_layer_attention
-
-        fn = s2_layer_attention(cfg, layer_idx)
-        return fn if fn is not None else get_backend("sdpa")
-    return get_backend(cfg.attention)
-
-
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -124,7 +139,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size <= 0:
-            raise ValueError("model.vocab_size must be set (the trainer fills it from the tokenizer)")
+            raise ConfigError("model.vocab_size must be set: load the config with exatrain.config.load_config, "
+                              "which takes it from the tokenizer")
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
@@ -198,6 +214,9 @@ class Transformer(nn.Module):
         if self.output is not None and not cfg.tie_embeddings:
             # Width-independent std: under muP the 1/width_mult logit multiplier already does the scaling.
             nn.init.normal_(self.output.weight, std=std)
+        for module in self.modules():  # modules added by model converters (exatrain.model.convert)
+            if hasattr(module, "init_state"):
+                module.init_state()
 
 
 def build_model(cfg: ModelConfig) -> Transformer:

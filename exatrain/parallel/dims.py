@@ -72,13 +72,11 @@ class ParallelDims:
                    f"choose tp from {_divisors(m.n_heads)}")
             _check(kv % tp == 0, f"parallel.tp={tp} must divide the KV heads (model.n_kv_heads={kv}): "
                    f"choose tp from {_divisors(kv)} or raise model.n_kv_heads")
-            from exatrain.model.llama import ffn_hidden_dim
-
-            hidden = ffn_hidden_dim(m)
-            _check(hidden % tp == 0, f"parallel.tp={tp} must divide the FFN hidden size {hidden}: set model.ffn_hidden")
-            _check(m.vocab_size <= 0 or m.vocab_size % tp == 0,
+            _check(m.ffn_hidden % tp == 0, f"parallel.tp={tp} must divide the FFN hidden size model.ffn_hidden="
+                   f"{m.ffn_hidden}: change model.ffn_hidden or model.multiple_of")
+            _check(m.vocab_size % tp == 0,
                    f"parallel.tp={tp} must divide model.vocab_size={m.vocab_size} (embedding/output are "
-                   f"vocab-sharded): pad the vocabulary to a multiple of {tp}")
+                   f"vocab-sharded): set model.vocab_multiple_of to a multiple of {tp} to pad the vocabulary")
             if p.sequence_parallel:
                 _check(cfg.data.seq_len % tp == 0, f"data.seq_len={cfg.data.seq_len} must be a multiple of "
                        f"parallel.tp={tp} with sequence parallelism; change it or set parallel.sequence_parallel=false")

@@ -16,16 +16,20 @@ seen and β the batch size in sequences; linear warmup to lr(N_warmup), the powe
 the decay phase starting from lr(N - N_decay). `optim.lr` is not used by it: a, b and lr_max set
 the scale. Its "exponential" decay is the shifted exponential of the authors' dolomite-engine,
 which reaches exactly `min_lr_ratio` (0 in the paper) at the end rather than approaching it.
+
+Each schedule is registered by name (`schedule.name`) as its post-warmup shape `(schedule, tokens_seen,
+batch_seqs) -> lr`; the warmup ramps linearly to the shape's value at the end of warmup.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from exatrain.config import ConfigError, JobConfig
+from exatrain.config import ConfigError, JobConfig, require
+from exatrain.registry import SCHEDULES, config_validator
 
-NAMES = ("constant", "cosine", "wsd", "power")
 DECAY_KINDS = ("linear", "exponential", "cosine")
 
 
@@ -58,12 +62,15 @@ class Schedule:
     power_lr_max: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.name not in NAMES:
-            raise ConfigError(f"schedule.name: got {self.name!r}, expected one of {', '.join(NAMES)}")
+        SCHEDULES.get(self.name)  # an unknown name fails here, naming the registered ones
         if self.decay_kind not in DECAY_KINDS:
             raise ConfigError(f"schedule.decay_kind: got {self.decay_kind!r}, expected one of {', '.join(DECAY_KINDS)}")
         if self.name == "power" and self.power_b >= 0:
             raise ConfigError(f"schedule.power_b: must be negative (the LR decays as tokens^b), got {self.power_b}")
+
+    @property
+    def shape(self) -> LRShape:
+        return SCHEDULES.get(self.name)
 
     @property
     def decay_start(self) -> int:
@@ -80,22 +87,58 @@ class Schedule:
         """Absolute LR for the step that starts after `tokens_seen` tokens and trains `batch_seqs` sequences."""
         if tokens_seen < self.warmup_tokens:
             ramp = min(1.0, (tokens_seen + batch_seqs * self.seq_len) / self.warmup_tokens)
-            return ramp * self._peak(self.warmup_tokens, batch_seqs)
-        if self.name == "constant":
-            return self.peak_lr
-        if self.name == "cosine":
-            span = self.total_tokens - self.warmup_tokens
-            progress = (tokens_seen - self.warmup_tokens) / span if span > 0 else 1.0
-            return self.peak_lr * decay_factor("cosine", progress, self.min_lr_ratio)
+            return ramp * self.shape(self, self.warmup_tokens, batch_seqs)
+        return self.shape(self, tokens_seen, batch_seqs)
+
+    def stable_then_decay(self, peak: Callable[[int], float], tokens_seen: int) -> float:
+        """`peak(tokens)` until the decay phase, then decay from `peak(decay_start)` (WSD and Power)."""
         start = self.decay_start
         if tokens_seen < start:
-            return self._peak(tokens_seen, batch_seqs)
+            return peak(tokens_seen)
         span = self.total_tokens - start
         progress = (tokens_seen - start) / span if span > 0 else 1.0
-        return self._peak(start, batch_seqs) * decay_factor(self.decay_kind, progress, self.min_lr_ratio)
+        return peak(start) * decay_factor(self.decay_kind, progress, self.min_lr_ratio)
 
-    def _peak(self, tokens: int, batch_seqs: int) -> float:
-        return self.power_lr(tokens, batch_seqs) if self.name == "power" else self.peak_lr
+
+LRShape = Callable[[Schedule, int, int], float]
+
+
+@SCHEDULES.register("constant")
+def constant(s: Schedule, tokens_seen: int, batch_seqs: int) -> float:
+    return s.peak_lr
+
+
+@SCHEDULES.register("cosine")
+def cosine(s: Schedule, tokens_seen: int, batch_seqs: int) -> float:
+    """Cosine from the peak at the end of warmup to min_lr_ratio · peak at the end of the run."""
+    span = s.total_tokens - s.warmup_tokens
+    progress = (tokens_seen - s.warmup_tokens) / span if span > 0 else 1.0
+    return s.peak_lr * decay_factor("cosine", progress, s.min_lr_ratio)
+
+
+@SCHEDULES.register("wsd")
+def wsd(s: Schedule, tokens_seen: int, batch_seqs: int) -> float:
+    """Warmup-stable-decay: the peak until the last decay_fraction of the tokens."""
+    return s.stable_then_decay(lambda _tokens: s.peak_lr, tokens_seen)
+
+
+@SCHEDULES.register("power")
+def power(s: Schedule, tokens_seen: int, batch_seqs: int) -> float:
+    """Power scheduler: min(lr_max, β·a·n^b) until the decay phase (optim.lr unused)."""
+    return s.stable_then_decay(lambda tokens: s.power_lr(tokens, batch_seqs), tokens_seen)
+
+
+@config_validator
+def validate_schedule(cfg: JobConfig) -> None:
+    s = cfg.schedule
+    require(s.decay_kind in DECAY_KINDS, "schedule.decay_kind", f"got {s.decay_kind!r}, expected one of "
+            f"{', '.join(DECAY_KINDS)}")
+    require(s.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
+    require(0.0 <= s.decay_fraction < 1.0, "schedule.decay_fraction", "must be in [0, 1)")
+    require(0.0 <= s.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "must be in [0, 1]")
+    require(s.power_b < 0, "schedule.power_b", f"must be negative (the LR decays as tokens^b), got {s.power_b}")
+    require(s.power_a > 0, "schedule.power_a", "must be positive")
+    require(s.power_lr_max > 0, "schedule.power_lr_max", "must be positive")
 
 
 def build_schedule(cfg: JobConfig) -> Schedule:

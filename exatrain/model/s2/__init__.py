@@ -1,23 +1,27 @@
-"""S2-Attention (DESIGN.md §4): per-head strided block-sparse attention as an attention backend.
+"""S2-Attention (DESIGN.md §4): per-head strided block-sparse attention, the attention backend `s2`.
 
-`layer_attention(cfg, i)` is the integration point the model calls for each layer: None for the
-dense layers of a hybrid model, else an `S2Attention` with the backend signature. It runs the
-fastest implementation for the device: the block-sparse CPU path (blocksparse.py) on CPU, the
-Triton kernels (triton_kernel.py) on GPUs. `force_impl("reference")` pins one for tests.
+`layer_attention(cfg, i)` gives one layer's attention: None for the dense layers of a hybrid
+model (the registered backend runs SDPA there), else an `S2Attention` with the backend signature.
+It runs the fastest implementation for the device: the block-sparse CPU path (blocksparse.py) on
+CPU, the Triton kernels (triton_kernel.py) on GPUs. `force_impl("reference")` pins one for tests.
+`validate_s2` is the config check of `model.s2`, run once when a config is loaded.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-from exatrain.config import ModelConfig
+from exatrain.config import JobConfig, ModelConfig, require
+from exatrain.model.attention import sdpa_attention
 from exatrain.model.s2.blocksparse import blocksparse_attention
 from exatrain.model.s2.pattern import S2Pattern, is_dense_layer
 from exatrain.model.s2.reference import reference_s2_attention
+from exatrain.registry import ATTENTION, config_validator
 
 __all__ = ["S2Attention", "S2Pattern", "attended_fraction", "force_impl", "is_dense_layer", "layer_attention"]
 
@@ -83,6 +87,26 @@ def layer_attention(cfg: ModelConfig, layer_idx: int) -> S2Attention | None:
     if is_dense_layer(cfg, layer_idx):
         return None
     return S2Attention(S2Pattern.from_config(cfg))
+
+
+ATTENTION.register("s2", lambda cfg, layer_idx: layer_attention(cfg, layer_idx) or sdpa_attention)
+
+
+@config_validator
+def validate_s2(cfg: JobConfig) -> None:
+    """model.s2 of an S2 model: the pattern's own checks, the hybrid layers, and a warning (once, here) when
+    the sparse heads cannot cover every stride phase."""
+    m = cfg.model
+    if m.attention != "s2":
+        return
+    pattern = S2Pattern.from_config(m)
+    require(m.s2.dense_period >= 0, "model.s2.dense_period", f"must be >= 0 (0: none), got {m.s2.dense_period}")
+    require(all(0 <= i < m.n_layers for i in m.s2.dense_layers), "model.s2.dense_layers",
+            f"layer indices must be in [0, {m.n_layers}), got {m.s2.dense_layers}")
+    if not pattern.covers_context:
+        warnings.warn(f"S2 pattern: {pattern.n_sparse_units} sparse KV heads cannot cover all {pattern.vert_stride} "
+                      f"stride phases; far context is only partly visible. Use model.s2.vert_stride <= "
+                      f"{pattern.n_sparse_units} or more KV heads.", stacklevel=2)
 
 
 def attended_fraction(cfg: ModelConfig, seq_len: int) -> float:

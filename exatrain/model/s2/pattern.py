@@ -15,13 +15,12 @@ pattern that belong to their global heads.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
-from exatrain.config import ModelConfig
+from exatrain.config import ConfigError, ModelConfig
 
 # Stride phase of sparse unit 0: its strided blocks are the last of every `vert_stride` group
 # (blocks V-1, 2V-1, ...), the convention of the Phi-3-small / DKernel release of the pattern.
@@ -39,25 +38,27 @@ class S2Pattern:
     num_dense_heads: int = 0
 
     def __post_init__(self) -> None:
+        """The one validation of the pattern's parameters (config validation builds a pattern to run it)."""
         bs = self.block_size
         if bs < 16 or bs & (bs - 1):
-            raise ValueError(f"model.s2.block_size must be a power of two >= 16, got {bs}")
+            raise ConfigError(f"model.s2.block_size must be a power of two >= 16 (kernel tiles), got {bs}")
         if self.local_blocks < 1:
-            raise ValueError(f"model.s2.local_blocks must be >= 1 (the diagonal block), got {self.local_blocks}")
+            raise ConfigError(f"model.s2.local_blocks must be >= 1 (the diagonal block), got {self.local_blocks}")
         if self.vert_stride < 1:
-            raise ValueError(f"model.s2.vert_stride must be >= 1, got {self.vert_stride}")
+            raise ConfigError(f"model.s2.vert_stride must be >= 1, got {self.vert_stride}")
         if self.n_kv_heads == 0:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+            raise ConfigError(f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
         if not 0 <= self.num_dense_heads <= self.n_heads or self.num_dense_heads % self.group:
-            raise ValueError(f"model.s2.num_dense_heads must be in [0, n_heads={self.n_heads}] and a multiple of "
-                             f"the GQA group size {self.group} (dense heads are whole KV groups), "
-                             f"got {self.num_dense_heads}")
-        if not self.homo_head and 0 < self.n_sparse_units < self.vert_stride:
-            warnings.warn(f"S2 pattern: {self.n_sparse_units} sparse KV heads cannot cover all {self.vert_stride} "
-                          f"stride phases; far context is only partly visible. Use vert_stride <= "
-                          f"{self.n_sparse_units} or more KV heads.", stacklevel=3)
+            raise ConfigError(f"model.s2.num_dense_heads must be in [0, n_heads={self.n_heads}] and a multiple of "
+                              f"the GQA group size {self.group} (dense heads are whole KV groups), "
+                              f"got {self.num_dense_heads}")
+
+    @property
+    def covers_context(self) -> bool:
+        """Whether the sparse heads together read every stride phase, i.e. every far block (DESIGN.md §4)."""
+        return self.homo_head or self.n_sparse_units == 0 or self.n_sparse_units >= self.vert_stride
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> S2Pattern:

@@ -127,8 +127,9 @@ def worker(names: list[str], steps: int, out: Path) -> None:
     from parallel_common import global_batches, n_labels, rank_micro_batches
 
     from exatrain.config import load_config
+    from exatrain.engine import build_engine
     from exatrain.model.llama import build_model
-    from exatrain.parallel import ParallelDims, build_engine
+    from exatrain.parallel import ParallelDims
 
     torch.set_num_threads(1)
     results = {}

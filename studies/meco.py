@@ -38,13 +38,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from exatrain.config import load_config  # noqa: E402
-from exatrain.data import build_data, metadata_enabled  # noqa: E402
-from exatrain.eval.perplexity import cache_dir, evaluate_perplexity  # noqa: E402
+from exatrain.data import build_data  # noqa: E402
+from exatrain.eval.perplexity import evaluate_perplexity  # noqa: E402
+from exatrain.train.meco import MecoCooldown  # noqa: E402
 from exatrain.train.metrics import read_metrics  # noqa: E402
 from exatrain.train.trainer import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "configs" / "studies" / "meco.yaml"
+CONFIG = "studies/meco.yaml"  # shipped in exatrain/configs/
 OUT = REPO / "studies" / "out"
 RUNS = REPO / "runs" / "studies" / "meco"
 
@@ -73,8 +74,7 @@ def run(arm: Arm, tokens_per_step: int) -> dict:
     overrides = [f"run_dir={run_dir}", f"train.steps={STEPS}", f"train.seed={arm.seed}",
                  f"data.shuffle_seed={SHUFFLE_SEED + arm.seed}", f"data.meco.enabled={str(arm.meco).lower()}"]
     cfg = load_config(CONFIG, overrides)
-    total = STEPS * tokens_per_step
-    last_meta_step = sum(metadata_enabled(cfg.data.meco, k * tokens_per_step, total) for k in range(STEPS))
+    last_meta_step = MecoCooldown.from_job(cfg).last_metadata_step(tokens_per_step)
     if last_meta_step:
         cfg = load_config(CONFIG, [*overrides, f"checkpoint.every={last_meta_step}"])
     t0 = time.perf_counter()
@@ -207,7 +207,7 @@ def prefix_share() -> dict:
     and which share of the trained text tokens has its prefix in context: with document masking a document
     continued in the next row does not see the prefix, so long documents are conditioned only in their first row."""
     cfg = load_config(CONFIG, ["data.meco.enabled=true"])
-    data = build_data(cfg, 0, 1, cache_dir())
+    data = build_data(cfg, 0, 1)
     loader = data.train
     prefix = int(loader.prefixes.lengths[loader.docs].sum())
     conditioned = trained = 0

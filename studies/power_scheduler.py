@@ -36,7 +36,7 @@ from exatrain.train.metrics import read_metrics  # noqa: E402
 from exatrain.train.trainer import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "configs" / "studies" / "power_scheduler.yaml"
+CONFIG = "studies/power_scheduler.yaml"  # shipped in exatrain/configs/
 OUT = REPO / "studies" / "out"
 RUNS = REPO / "runs" / "studies" / "power_scheduler"
 

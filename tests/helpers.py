@@ -22,9 +22,11 @@ def env(cache: Path) -> dict[str, str]:
     return {**os.environ, "EXATRAIN_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-def run(cmd: list[str], cache: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+def run(cmd: list[str], cache: Path, timeout: float = 300, check: bool = True,
+        env_override: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a command with a hard timeout; on failure the assertion shows its output."""
-    proc = subprocess.run(cmd, cwd=REPO, env=env(cache), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=env_override or env(cache), capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-8000:]}")

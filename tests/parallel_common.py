@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from exatrain.config import JobConfig, load_config
 from exatrain.data import Batch
 from exatrain.model.llama import build_model, materialize
-from exatrain.train.mup import param_groups
+from exatrain.train.optim import param_groups
 
 TINY = [
     "model.dim=32", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=64",

@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from parallel_common import STEPS, global_batches, n_labels, rank_micro_batches, tiny_cfg  # noqa: E402
 
+from exatrain.engine import build_engine  # noqa: E402
 from exatrain.model.llama import build_model  # noqa: E402
-from exatrain.parallel import ParallelDims, build_engine  # noqa: E402
+from exatrain.parallel import ParallelDims  # noqa: E402
 
 
 def make_engine(overrides: list[str]):

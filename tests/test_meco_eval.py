@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from exatrain.cli import main
 from exatrain.config import load_config
 from exatrain.data import build_data
-from exatrain.eval.perplexity import cache_dir, evaluate_perplexity, load_run
-from exatrain.parallel.checkpoint import CheckpointError, list_checkpoints
+from exatrain.eval.perplexity import evaluate_perplexity, load_run
+from exatrain.train.checkpoint import CheckpointError, list_checkpoints
 from exatrain.train import trainer
 from helpers import TINY
 
@@ -36,7 +36,7 @@ def test_loaded_model_reproduces_the_trainers_validation_loss(trained):
     run_dir, result = trained
     run = load_run(run_dir)
     assert run.step == 12 and not run.model.training
-    data = build_data(run.cfg, 0, 1, cache_dir())
+    data = build_data(run.cfg, 0, 1)
     total, count = 0.0, 0
     with torch.no_grad():
         for b in data.val.iter_batches(run.cfg.train.eval_batches, run.cfg.train.global_batch):
@@ -50,7 +50,7 @@ def test_plain_condition_is_the_text_after_bos(trained):
     run_dir, _ = trained
     out = evaluate_perplexity(run_dir, ["none"], max_docs=2)
     run = load_run(run_dir)
-    data = build_data(run.cfg, 0, 1, cache_dir())
+    data = build_data(run.cfg, 0, 1)
     store, seq = data.val.store, run.cfg.data.seq_len
     for d in out["documents"]:
         text = torch.from_numpy(store.tokens[store.offsets[d["doc"]]:store.offsets[d["doc"] + 1]].astype("int64"))

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
 
+import torch.distributed.checkpoint as dcp
+
 from exatrain.config import load_config
 from exatrain.data.tokenizer import SPECIAL_TOKENS
-from exatrain.parallel.checkpoint import list_checkpoints
 from exatrain.train import trainer
+from exatrain.train.callback import Callback
+from exatrain.train.checkpoint import list_checkpoints
 from helpers import TINY, losses
 
 BOS = SPECIAL_TOKENS.index("<bos>")
@@ -36,23 +40,31 @@ def cache(tmp_path_factory):
         yield
 
 
-def train_recording(run_dir, batches: list, monkeypatch, stop_after: int | None = None) -> trainer.TrainResult:
-    """Train, appending each training step's (tokens, labels); optionally request a stop during step `stop_after`.
+class RecordBatches(Callback):
+    """Appends each training step's (tokens, labels); optionally requests a stop after step `stop_after`."""
 
-    `count_labels` sees exactly the training steps' micro-batches (evaluation does not call it)."""
-    real_count = trainer.count_labels
+    def __init__(self, batches: list, stop_after: int | None):
+        self.batches, self.stop_after = batches, stop_after
 
-    def record(micro, replicas):
-        batches.append((torch.cat([b.tokens for b in micro]), torch.cat([b.labels for b in micro])))
-        if stop_after is not None and len(batches) == stop_after:
-            trainer.request_stop("test preemption")
-        return real_count(micro, replicas)
+    def on_step_end(self, t, stats, record):
+        micro = t.micro_batches
+        self.batches.append((torch.cat([b.tokens for b in micro]), torch.cat([b.labels for b in micro])))
+        if t.state.step == self.stop_after:
+            t.request_stop("test preemption")
 
-    monkeypatch.setattr(trainer, "count_labels", record)
-    try:
-        return trainer.train(load_config("tiny.yaml", [*TINY, *MECO, f"run_dir={run_dir}"]))
-    finally:
-        monkeypatch.setattr(trainer, "count_labels", real_count)
+
+def train_recording(run_dir, batches: list, stop_after: int | None = None) -> trainer.TrainResult:
+    return trainer.train(load_config("tiny.yaml", [*TINY, *MECO, f"run_dir={run_dir}"]),
+                         callbacks=[RecordBatches(batches, stop_after)])
+
+
+def meco_state(checkpoint) -> dict:
+    """The MeCo callback's and the loader's checkpointed state."""
+    state = {"callbacks.meco": {"switched_at_step": 0}, "data": {"metadata": False}}
+    with warnings.catch_warnings():  # DCP notes that it loads without a process group, which is the point
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    return state
 
 
 def document_starts(batches: list) -> list[tuple[int, bool]]:
@@ -67,8 +79,7 @@ def document_starts(batches: list) -> list[tuple[int, bool]]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache):
     run_dir, batches = tmp_path_factory.mktemp("meco-ref"), []
-    with pytest.MonkeyPatch.context() as mp:
-        result = train_recording(run_dir, batches, mp)
+    result = train_recording(run_dir, batches)
     assert result.status == "completed" and len(batches) == STEPS
     return run_dir, batches
 
@@ -78,19 +89,21 @@ def test_switch_happens_at_the_cooldown_token_count(reference):
     starts = document_starts(batches)
     assert all(meta == (step <= LAST_METADATA_STEP) for step, meta in starts), starts
     assert {meta for _, meta in starts} == {True, False}, "the run must start documents on both sides of the switch"
-    meta = json.loads((list_checkpoints(run_dir / "checkpoints")[-1] / "meta.json").read_text())
-    assert meta["loader"]["metadata"] is False
+    state = meco_state(list_checkpoints(run_dir / "checkpoints")[-1])
+    assert state["data"]["metadata"] is False
+    assert state["callbacks.meco"]["switched_at_step"] == LAST_METADATA_STEP + 1
 
 
 @pytest.mark.parametrize("stop_after", [3, LAST_METADATA_STEP])
-def test_resume_before_the_switch_equals_uninterrupted(tmp_path, reference, monkeypatch, stop_after):
+def test_resume_before_the_switch_equals_uninterrupted(tmp_path, reference, stop_after):
     ref_dir, ref_batches = reference
     batches: list = []
-    first = train_recording(tmp_path, batches, monkeypatch, stop_after)
+    first = train_recording(tmp_path, batches, stop_after)
     assert first.status == "preempted" and first.step == stop_after
-    saved = json.loads((list_checkpoints(tmp_path / "checkpoints")[-1] / "meta.json").read_text())
-    assert saved["step"] == stop_after and saved["loader"]["metadata"] is True
-    second = train_recording(tmp_path, batches, monkeypatch)
+    checkpoint = list_checkpoints(tmp_path / "checkpoints")[-1]
+    assert json.loads((checkpoint / "meta.json").read_text())["step"] == stop_after
+    assert meco_state(checkpoint) == {"callbacks.meco": {"switched_at_step": -1}, "data": {"metadata": True}}
+    second = train_recording(tmp_path, batches)
     assert second.status == "completed" and len(batches) == STEPS
     for (tokens, labels), (ref_tokens, ref_labels) in zip(batches, ref_batches):
         assert torch.equal(tokens, ref_tokens) and torch.equal(labels, ref_labels)

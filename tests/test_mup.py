@@ -11,7 +11,8 @@ import torch
 
 from exatrain.config import load_config
 from exatrain.model.llama import build_model, materialize
-from exatrain.train.mup import classify, coord_check, param_groups
+from exatrain.train.mup import coord_check
+from exatrain.train.optim import classify, param_groups
 
 
 def job(*extra: str):
@@ -87,7 +88,7 @@ def test_groups_survive_fsdp2_wrapping():
         from torch.distributed.fsdp import fully_shard
         from exatrain.config import load_config
         from exatrain.model.llama import build_model
-        from exatrain.train.mup import param_groups
+        from exatrain.train.optim import param_groups
         dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
         cfg = load_config(None, ["model.vocab_size=256", "model.dim=512", "model.n_heads=4", "model.n_layers=2",
                                  "model.mup.enabled=true", "model.mup.base_dim=128"])

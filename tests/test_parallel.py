@@ -32,8 +32,9 @@ from parallel_common import (  # noqa: E402
     tiny_cfg,
 )
 
+from exatrain.engine import build_engine  # noqa: E402
 from exatrain.model.llama import build_model  # noqa: E402
-from exatrain.parallel import ParallelDims, build_engine  # noqa: E402
+from exatrain.parallel import ParallelDims  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "parallel_worker.py"
 EXACT = 1e-5

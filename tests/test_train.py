@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from exatrain.config import load_config
-from exatrain.parallel.checkpoint import CheckpointError, list_checkpoints
-from exatrain.parallel.engine import NativeEngine
 from exatrain.train import trainer
+from exatrain.train.callback import Callback
+from exatrain.train.checkpoint import Checkpointer, CheckpointError, list_checkpoints
 from helpers import REPO, TINY, env, losses, run, torchrun_cmd, train_cmd
 
 
@@ -89,7 +89,7 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, cache, reference):
     (partial / "__0_0.distcp").write_bytes(b"half-written")
     previous = list_checkpoints(ckpts)[-1]
     cfg = load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path}"])
-    assert trainer.Checkpointer(tmp_path, cfg.checkpoint).resume_path() == previous
+    assert Checkpointer(tmp_path, cfg).resume_path() == previous
     run(train_cmd(tmp_path), cache)
     assert losses(tmp_path)[12] == losses(reference)[12]
     assert not partial.exists()
@@ -112,47 +112,62 @@ def test_incompatible_checkpoint_names_the_difference(tmp_path, cache, reference
         trainer.train(cfg)
 
 
-def test_stop_request_checkpoints_and_resumes(tmp_path, cache, reference, monkeypatch):
-    cfg = load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path}"])
-    real_split = trainer.split_micro
-    calls = {"n": 0}
+class StopAfter(Callback):
+    """Requests a stop (as a preemption signal would) once `step` steps are done."""
 
-    def split_and_stop(batch, micro_batch):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            trainer.request_stop("test preemption")
-        return real_split(batch, micro_batch)
+    def __init__(self, step: int):
+        self.step = step
 
-    monkeypatch.setattr(trainer, "split_micro", split_and_stop)
-    first = trainer.train(cfg)
+    def on_step_end(self, t, stats, record):
+        if t.state.step == self.step:
+            t.request_stop("test preemption")
+
+
+def test_stop_request_checkpoints_and_resumes(tmp_path, cache, reference):
+    first = trainer.train(load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path}"]), callbacks=[StopAfter(6)])
     assert first.status == "preempted" and first.step == 6
-    monkeypatch.setattr(trainer, "split_micro", real_split)
     second = trainer.train(load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path}"]))
     assert second.status == "completed"
     assert losses(tmp_path) == losses(reference)
 
 
-def test_non_finite_steps_are_skipped_or_raise(tmp_path, cache, monkeypatch):
+def test_stop_signal_checkpoints_and_resumes(tmp_path, cache, reference):
+    """SIGUSR2 (Slurm's pre-limit signal) mid-run: every rank finishes the step, checkpoints, and stops."""
+
+    class SignalAt(Callback):
+        def on_step_start(self, t):
+            if t.state.step == 4:
+                os.kill(os.getpid(), signal.SIGUSR2)
+
+    before = signal.getsignal(signal.SIGUSR2)
+    first = trainer.train(load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path}"]), callbacks=[SignalAt()])
+    assert first.status == "preempted" and first.step == 5
+    assert signal.getsignal(signal.SIGUSR2) is before, "the trainer must give the signal handler back"
+    assert trainer.train(load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path}"])).status == "completed"
+    assert losses(tmp_path) == losses(reference)
+
+
+class PoisonFirstStep(Callback):
+    """Makes the first step's output-layer gradient infinite."""
+
+    def on_step_start(self, t):
+        if t.state.step == 0:
+            self.hook = t.engine.model_parts[0].output.weight.register_hook(lambda g: g * float("inf"))
+
+    def on_step_end(self, t, stats, record):
+        if t.state.step == 1:
+            self.hook.remove()
+
+
+def test_non_finite_steps_are_skipped_or_raise(tmp_path, cache):
     """nan_policy=skip logs and counts a poisoned step and trains on; raise stops with advice."""
-    real_step = NativeEngine.train_step
-
-    def poisoned(self, micro, n_labels, lr):
-        if not getattr(self, "_poisoned", False):
-            self._poisoned = True
-            hook = self.model_parts[0].output.weight.register_hook(lambda g: g * float("inf"))
-            try:
-                return real_step(self, micro, n_labels, lr)
-            finally:
-                hook.remove()
-        return real_step(self, micro, n_labels, lr)
-
-    monkeypatch.setattr(NativeEngine, "train_step", poisoned)
     overrides = [*TINY, "train.steps=3", "checkpoint.every=0", "checkpoint.save_final=false"]
-    result = trainer.train(load_config("tiny.yaml", [*overrides, f"run_dir={tmp_path / 'skip'}"]))
+    result = trainer.train(load_config("tiny.yaml", [*overrides, f"run_dir={tmp_path / 'skip'}"]),
+                           callbacks=[PoisonFirstStep()])
     records = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r and r.get("kind", "train") == "train"]
     assert result.status == "completed" and [r.get("skipped", 0) for r in train] == [1, 0, 0]
     assert all(math.isfinite(r["loss"]) for r in train[1:])
     with pytest.raises(FloatingPointError, match="nan_policy=skip"):
         trainer.train(load_config("tiny.yaml", [*overrides, f"run_dir={tmp_path / 'raise'}",
-                                                "train.nan_policy=raise"]))
+                                                "train.nan_policy=raise"]), callbacks=[PoisonFirstStep()])

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2/3 as a second engine (parallel.engine=deepspeed), data parallelism only.
+"""DeepSpeed ZeRO-1/2/3 as a second engine (`parallel.engine=deepspeed`), data parallelism only.
 
 The Frontier paper trained with DeepSpeed ZeRO-1 (plus Megatron TP/PP); this engine lets the
 same job run on DeepSpeed's optimizer sharding so both stacks can be compared. It follows the
@@ -7,7 +7,8 @@ over ranks (DeepSpeed averages, so the backward loss is scaled by the DP size), 
 param groups, and a state dict in the native engine's FQN-keyed format ("model" and a flattened
 "optim"), so checkpoints move between engines and layouts.
 On CPU it runs with gloo (DS_ACCELERATOR=cpu is set before deepspeed is imported).
-Initial weights: always the full single-process init (`materialize`), partitioned by DeepSpeed.
+Build sequence: convert (model.converters) -> activation checkpointing -> init (always the full
+single-process init, `materialize`) -> deepspeed.initialize partitions it.
 """
 
 from __future__ import annotations
@@ -15,22 +16,17 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from exatrain.config import ConfigError, JobConfig
+from exatrain.data.batch import Batch
+from exatrain.engine.base import StepStats, all_reduce_sum, ce_sum, clean_fqn, model_inputs
+from exatrain.model.convert import convert_model
 from exatrain.model.llama import materialize
 from exatrain.parallel.activation_checkpoint import apply_activation_checkpointing
 from exatrain.parallel.dims import ParallelDims
-from exatrain.parallel.engine import (
-    IGNORE_INDEX,
-    Batch,
-    StepStats,
-    build_optimizer,
-    ce_sum,
-    clean_fqn,
-    model_inputs,
-)
+from exatrain.registry import ENGINES
+from exatrain.train.optim import build_optimizer, set_lr
 
 _ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
@@ -54,8 +50,9 @@ class DeepSpeedEngine:
         ds = _import_deepspeed(device)
         self.cfg, self.dims, self.device = cfg, dims, device
         t = cfg.train
-        model = materialize(model, device, t.seed)
+        convert_model(model, cfg)
         apply_activation_checkpointing(model, t.activation_checkpointing)
+        model = materialize(model, device, t.seed)
         optimizer = build_optimizer(model, cfg)
         self._group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
         self.accumulation = t.global_batch // (t.micro_batch * dims.dp_size)
@@ -79,17 +76,11 @@ class DeepSpeedEngine:
         tokens, kwargs = model_inputs(b, self.device)
         return ce_sum(self.ds(tokens, **kwargs), b.labels.to(self.device)) / n_labels
 
-    def _global_sum(self, local: torch.Tensor) -> float:
-        value = local.double().cpu()
-        dist.all_reduce(value)
-        return value.item()
-
     def train_step(self, micro_batches: list[Batch], n_label_tokens: int, lr: float) -> StepStats:
         if len(micro_batches) != self.accumulation:
             raise ValueError(f"DeepSpeed engine expects {self.accumulation} micro-batches per step "
                              f"(global_batch / (micro_batch x dp)), got {len(micro_batches)}")
-        for g in self.ds.optimizer.param_groups:
-            g["lr"] = lr * g["lr_scale"]
+        set_lr(self.ds.optimizer, lr)
         self.ds.train()
         local = torch.zeros((), dtype=torch.float64)
         for b in micro_batches:
@@ -98,7 +89,7 @@ class DeepSpeedEngine:
             self.ds.step()
             local += loss.detach().double().cpu()
         norm = self.ds.get_global_grad_norm()
-        return StepStats(loss=self._global_sum(local), grad_norm=float(norm))
+        return StepStats(loss=all_reduce_sum(local), grad_norm=float(norm))
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[Batch]) -> tuple[float, int]:
@@ -106,8 +97,8 @@ class DeepSpeedEngine:
         local, count = torch.zeros((), dtype=torch.float64), 0
         for b in micro_batches:
             local += self._forward_loss(b, 1).double().cpu()
-            count += int((b.labels != IGNORE_INDEX).sum())
-        return self._global_sum(local), int(round(self._global_sum(torch.tensor(float(count)))))
+            count += b.n_labels
+        return all_reduce_sum(local), int(round(all_reduce_sum(torch.tensor(float(count)))))
 
     def _ensure_optimizer_state(self) -> None:
         """Create AdamW's zero state before the first step (as DCP's get_state_dict does for the native
@@ -171,3 +162,6 @@ class DeepSpeedEngine:
         for state in self.ds.optimizer.optimizer.state.values():
             if "step" in state:
                 state["step"] = step.clone().to(state["step"].device, state["step"].dtype)
+
+
+ENGINES.register("deepspeed", DeepSpeedEngine)

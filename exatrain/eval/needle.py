@@ -7,8 +7,8 @@ so S2 models decode through their pruned cache). Far needles are where a sparse 
 lose information: beyond the local window only the strided blocks reach them.
 
 Small CPU models cannot retrieve out of the box, so `write_corpus` makes training documents of
-the same form (needle at a uniform depth, question and answer at the end); configs/s2.yaml and
-configs/s2_dense.yaml train on them mixed with the embedded natural-text corpus. `eval` also
+the same form (needle at a uniform depth, question and answer at the end); exatrain/configs/s2.yaml and
+exatrain/configs/s2_dense.yaml train on them mixed with the embedded natural-text corpus. `eval` also
 reports held-out perplexity: over all documents, and for passkey documents and natural text apart.
 
     python -m exatrain.eval.needle corpus runs/needle/passkey.jsonl
@@ -33,7 +33,7 @@ from exatrain.model.llama import Transformer
 
 # The key follows a marker ("#") that occurs nowhere else, so that the first digit is cued by one
 # token: with plain "The pass key is 12345" the cue is the bigram "key is", " is" being in most
-# filler sentences, and the CPU-sized study models of configs/s2*.yaml did not learn retrieval.
+# filler sentences, and the CPU-sized study models of exatrain/configs/s2*.yaml did not learn retrieval.
 NEEDLE = " The pass key is #{key}. Remember it."
 QUESTION = " What is the pass key? The pass key is #"
 ANSWER = "{key}"
@@ -161,7 +161,7 @@ def format_perplexity(results: dict[str, dict[str, Any]]) -> str:
 
 def _eval_runs(args: argparse.Namespace) -> dict[str, Any]:
     from exatrain.data import build_data
-    from exatrain.eval.perplexity import cache_dir, evaluate_perplexity, load_run
+    from exatrain.eval.perplexity import evaluate_perplexity, load_run
 
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
@@ -169,7 +169,7 @@ def _eval_runs(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"needle": {}, "perplexity": {}}
     for run_dir in args.run_dirs:
         run = load_run(run_dir, args.device)
-        data = build_data(run.cfg, 0, 1, cache_dir())
+        data = build_data(run.cfg, 0, 1)
         tok = data.tokenizer
         name = Path(run_dir).name
         report["needle"][name] = evaluate_needle(run.model, tok, tok.encode(text), lengths, depths, args.trials,

@@ -23,22 +23,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
 from exatrain.config import JobConfig, from_dict
-from exatrain.data import build_data, metadata_prompt
-from exatrain.data.dataset import IGNORE_INDEX
+from exatrain.data import IGNORE_INDEX, build_data, metadata_prompt
+from exatrain.model.convert import convert_model
 from exatrain.model.llama import Transformer, build_model, materialize
-from exatrain.parallel.checkpoint import CheckpointError, list_checkpoints, verify
+from exatrain.train.checkpoint import CheckpointError, list_checkpoints, load_model_weights, verify
 
 NONE, REAL = "none", "real"
 
@@ -70,23 +67,14 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     meta = verify(ckpt)
     cfg = from_dict(meta["config"])
     # Embedding and output matrix are read under their own names, tied or not: the checkpoint holds both,
-    # equal when training kept them tied, so the evaluated function is always the trained one.
-    model = materialize(build_model(dataclasses.replace(cfg.model, tie_embeddings=False)), device, cfg.train.seed)
-    state = {"model": model.state_dict()}
-    try:
-        with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point here
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot load model weights from {ckpt}: {exc}") from exc
-    model.load_state_dict(state["model"])
+    # equal when training kept them tied, so the evaluated function is always the trained one. Converted
+    # modules (model.converters) are rebuilt so their parameters and buffers load too.
+    model = build_model(dataclasses.replace(cfg.model, tie_embeddings=False))
+    convert_model(model, cfg)
+    model = materialize(model, device, cfg.train.seed)
+    load_model_weights(ckpt, model)
     model.eval()
     return LoadedRun(model, cfg, ckpt, meta["step"], meta["tokens_seen"])
-
-
-def cache_dir() -> Path:
-    """The trainer's tokenization cache, so evaluation reuses its tokenizer and token store."""
-    return Path(os.environ.get("EXATRAIN_CACHE", Path.home() / ".cache" / "exatrain"))
 
 
 @torch.no_grad()
@@ -123,7 +111,7 @@ def evaluate_perplexity(path: str | Path, conditions: tuple[str, ...] | list[str
     device = torch.device(device)
     run = load_run(path, device)
     cfg, meco = run.cfg, run.cfg.data.meco
-    data = build_data(cfg, 0, 1, cache_dir())
+    data = build_data(cfg, 0, 1)
     store, tok = data.val.store, data.tokenizer
     fixed = {c: metadata_prompt(tok, meco, "", None if c == NONE else c) for c in conditions if c != REAL}
     docs, rows = [], []

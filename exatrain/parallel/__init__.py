@@ -1,6 +1,6 @@
-"""3D parallelism on one DeviceMesh: layout validation, TP/SP, pipelining, FSDP2 or DeepSpeed, AC."""
+"""3D parallelism on one DeviceMesh: layout validation, TP/SP, pipelining, FSDP2, AC, and the build
+sequence that applies them (exatrain.parallel.parallelize)."""
 
 from exatrain.parallel.dims import ParallelDims
-from exatrain.parallel.engine import StepStats, build_engine
 
-__all__ = ["ParallelDims", "StepStats", "build_engine"]
+__all__ = ["ParallelDims"]

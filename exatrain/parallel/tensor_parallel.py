@@ -7,9 +7,16 @@ stream and the norms hold T/tp tokens per rank, cutting activation memory by tp.
 The embedding is split over the vocabulary (rowwise) and the output head over the vocabulary
 (colwise); with loss parallelism the logits stay vocab-sharded into the cross-entropy, so the
 full (B, T, V) logits never exist on one rank.
+
+The plan is applied after model converters ran (exatrain.parallel.parallelize), so it sees converted
+modules: a converted Linear may carry `tp_styles = {"colwise": ..., "rowwise": ..., "prepare_input": ...}`
+(e.g. torchao's float8 styles) that replace the default style classes for it; the input preparation of
+the attention and feed-forward sub-layers follows the styles of their first projection (wq, w1).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -49,22 +56,31 @@ def apply_tensor_parallel(part: nn.Module, tp_mesh: DeviceMesh, sequence_paralle
 
     for block in part.layers.values():
         plan: dict[str, object] = {
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=seq),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=seq),
-            "feed_forward.w3": ColwiseParallel(),
+            "attention.wq": _style(block, "attention.wq", "colwise"),
+            "attention.wk": _style(block, "attention.wk", "colwise"),
+            "attention.wv": _style(block, "attention.wv", "colwise"),
+            "attention.wo": _style(block, "attention.wo", "rowwise", output_layouts=seq),
+            "feed_forward.w1": _style(block, "feed_forward.w1", "colwise"),
+            "feed_forward.w2": _style(block, "feed_forward.w2", "rowwise", output_layouts=seq),
+            "feed_forward.w3": _style(block, "feed_forward.w3", "colwise"),
         }
         if sequence_parallel:
             plan.update({
                 "attention_norm": SequenceParallel(),
-                "attention": PrepareModuleInput(input_layouts=(seq, None, None, None),
-                                                desired_input_layouts=(Replicate(), None, None, None)),
+                "attention": _style(block, "attention.wq", "prepare_input", input_layouts=(seq, None, None, None),
+                                    desired_input_layouts=(Replicate(), None, None, None)),
                 "ffn_norm": SequenceParallel(),
-                "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+                "feed_forward": _style(block, "feed_forward.w1", "prepare_input", input_layouts=(seq,),
+                                       desired_input_layouts=(Replicate(),)),
             })
         parallelize_module(block, tp_mesh, plan)
         block.attention.head_offset = tp_mesh.get_local_rank() * (block.attention.n_heads // tp)
 
+
+_DEFAULT_STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel, "prepare_input": PrepareModuleInput}
+
+
+def _style(block: nn.Module, fqn: str, kind: str, **kwargs: Any) -> Any:
+    """The `kind` style for block's submodule `fqn`: its own `tp_styles[kind]` if a converter set one."""
+    cls = getattr(block.get_submodule(fqn), "tp_styles", {}).get(kind, _DEFAULT_STYLES[kind])
+    return cls(**kwargs)

@@ -1,10 +1,12 @@
-"""Atomic, reshardable checkpoints with torch.distributed.checkpoint (DCP).
+"""Atomic, reshardable checkpoints of a `dict[str, Stateful]` with torch.distributed.checkpoint (DCP).
 
+The trainer checkpoints `{"engine": model + optimizer, "trainer": step and tokens, "data": loader
+position, "callbacks.<name>": each callback}`; every entry has `state_dict()`/`load_state_dict()`.
 Layout of one checkpoint, `<run_dir>/checkpoints/step_00000100/`:
-  - DCP shards + `.metadata`   model and optimizer, keyed by layout-independent FQNs, so a
-                                checkpoint written under tp2·pp2·dp2 loads under dp8
+  - DCP shards + `.metadata`   every entry's state; the engine's tensors are keyed by layout-independent
+                                FQNs, so a checkpoint written under tp2·pp2·dp2 loads under dp8
   - `rank_<r>.pt`               per-rank RNG state (weights_only-loadable tensors)
-  - `meta.json`                 step, tokens seen, data-loader state, config, layout, manifest
+  - `meta.json`                 step, tokens seen, config, layout, world size, manifest of file sizes
 Everything is written into `step_X.tmp` and renamed to `step_X` only after every rank has
 finished and the manifest is on disk, so a crash mid-write never touches the latest good
 checkpoint; stale `.tmp` directories are ignored and cleaned up.
@@ -18,31 +20,50 @@ import random
 import re
 import shutil
 import time
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from exatrain.config import CheckpointConfig, JobConfig, to_dict
+from torch import nn
+
+from exatrain.config import JobConfig, to_dict
 
 log = logging.getLogger("exatrain")
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+ENGINE = "engine"  # the key of the model + optimizer state; its model weights are under ENGINE.model.<fqn>
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or incompatible with this run."""
 
 
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class TrainState:
+    """Where the run stands: optimizer steps done and tokens trained on."""
+
     step: int = 0
     tokens_seen: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
 
 
 def _barrier() -> None:
@@ -123,13 +144,15 @@ def check_compatible(meta: dict[str, Any], cfg: JobConfig, path: Path) -> None:
 
 
 class Checkpointer:
-    """Saves and restores engine, data-loader, RNG and progress state under `<run_dir>/checkpoints`."""
+    """Saves and restores `dict[str, Stateful]` plus per-rank RNG state under `<run_dir>/checkpoints`."""
 
-    def __init__(self, run_dir: Path, cfg: CheckpointConfig):
+    def __init__(self, run_dir: Path, job: JobConfig):
         self.dir = Path(run_dir) / "checkpoints"
-        self.cfg = cfg
+        self.job = job
+        self.cfg = job.checkpoint
 
-    def save(self, step: int, engine, loader, state: TrainState, job: JobConfig, layout: dict[str, int]) -> Path:
+    def save(self, step: int, states: Mapping[str, Stateful], meta: dict[str, Any]) -> Path:
+        """Write step `step` (collective: every rank calls it); `meta` goes into meta.json."""
         start = time.perf_counter()
         final = self.dir / f"step_{step:08d}"
         tmp = self.dir / f"step_{step:08d}.tmp"
@@ -138,22 +161,20 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         _barrier()
-        dcp.save(engine.state_dict(), checkpoint_id=str(tmp))
+        dcp.save({key: s.state_dict() for key, s in states.items()}, checkpoint_id=str(tmp))
         torch.save(rng_state(), tmp / f"rank_{_rank()}.pt")
         _barrier()
         if _rank() == 0:
-            meta = {
+            record = {
                 "format_version": FORMAT_VERSION,
-                "step": state.step,
-                "tokens_seen": state.tokens_seen,
-                "loader": loader.state_dict(),
-                "layout": layout,
+                "step": step,
+                **meta,
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "torch": torch.__version__,
-                "config": to_dict(job),
+                "config": to_dict(self.job),
                 "manifest": _manifest(tmp),
             }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            (tmp / "meta.json").write_text(json.dumps(record, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -178,18 +199,31 @@ class Checkpointer:
         complete = list_checkpoints(self.dir)
         return complete[-1] if complete else None
 
-    def load(self, path: Path, engine, loader, job: JobConfig) -> TrainState:
+    def load(self, path: Path, states: Mapping[str, Stateful]) -> dict[str, Any]:
+        """Restore every entry of `states` (collective) and this rank's RNG; returns the checkpoint's meta.json."""
         meta = verify(path)
-        check_compatible(meta, job, path)
-        sd = engine.state_dict()
+        check_compatible(meta, self.job, path)
+        sd = {key: s.state_dict() for key, s in states.items()}
         try:
             dcp.load(sd, checkpoint_id=str(path))
         except Exception as exc:
-            raise CheckpointError(f"cannot load model/optimizer state from {path}: {exc}") from exc
-        engine.load_state_dict(sd)
+            raise CheckpointError(f"cannot load {', '.join(states)} state from {path}: {exc}") from exc
+        for key, s in states.items():
+            s.load_state_dict(sd[key])
         rng_file = path / f"rank_{_rank()}.pt"
         if rng_file.is_file() and meta["world_size"] == (dist.get_world_size() if dist.is_initialized() else 1):
             set_rng_state(torch.load(rng_file, weights_only=True))
-        loader.load_state_dict(meta["loader"])
-        log.info("resumed from %s (step %d, %d tokens)", path, meta["step"], meta["tokens_seen"])
-        return TrainState(step=meta["step"], tokens_seen=meta["tokens_seen"])
+        log.info("resumed from %s (step %d)", path, meta["step"])
+        return meta
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """Read only the model weights of a checkpoint into a plain (unsharded) model, in this process."""
+    state = {ENGINE: {"model": model.state_dict()}}
+    try:
+        with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot load model weights from {path}: {exc}") from exc
+    model.load_state_dict(state[ENGINE]["model"])

@@ -1,16 +1,6 @@
-"""Optimizer parameter groups for CerebrasGPT-style muP, and the muP coordinate check (DESIGN.md §8).
+"""The muP coordinate check (DESIGN.md §8): activation scale vs width over a few Adam steps.
 
-The model carries the forward-pass half of muP (init std/√m, embedding and residual
-multipliers, logits × 1/m, attention 1/d_head); this module carries the optimizer half:
-with Adam, hidden matrices (fan-in grows with width) train at lr/m, everything else at lr.
-Groups are chosen from parameter *names* (module path components), so the same rules apply
-to plain, FSDP2-, TP-, compiled or checkpoint-wrapped modules, whose names only gain prefixes.
-
-Weight decay: matrices only. Norm gains, biases and the token embedding get none. The
-embedding is excluded because decay pulls rows of rare tokens (which seldom see gradient)
-towards zero and shrinks the input scale that emb_mult sets (OLMo 2 drops it for stability);
-when tied it is also the output head, which then goes undecayed too. torch's AdamW decays by
-lr * weight_decay, so a muP hidden matrix decays at 1/m of the base rate per step.
+muP itself lives in the model (init, multipliers) and in exatrain.train.optim (per-group LR scaling).
 """
 
 from __future__ import annotations
@@ -19,45 +9,10 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from exatrain.config import JobConfig
-from exatrain.model.llama import build_model, materialize, width_mult
-
-
-def classify(name: str, ndim: int) -> str:
-    """embedding | output | vector (norms, biases, other <2-D) | hidden (width x width matrices)."""
-    parts = name.split(".")
-    owner = parts[-2] if len(parts) > 1 else ""
-    if owner == "tok_embeddings":
-        return "embedding"
-    if owner == "output":
-        return "output"
-    if ndim < 2 or owner.endswith("norm") or parts[-1] == "bias":
-        return "vector"
-    return "hidden"
-
-
-def param_groups(model: nn.Module, cfg: JobConfig) -> list[dict]:
-    """Torch optimizer groups with "params", "weight_decay", "lr_scale" and a "name" for logging.
-
-    The trainer sets group["lr"] = schedule_lr * group["lr_scale"] every step. Empty groups are
-    dropped (a pipeline stage may own no embedding). A tied weight appears once, as embedding.
-    """
-    m = width_mult(cfg.model)
-    wd = cfg.optim.weight_decay
-    rules = {  # kind -> (weight_decay, lr_scale); a tied head split off on a pipeline stage is treated as the embedding
-        "embedding": (0.0, 1.0),
-        "output": (0.0 if cfg.model.tie_embeddings else wd, 1.0),
-        "vector": (0.0, 1.0),
-        "hidden": (wd, 1.0 / m),
-    }
-    params: dict[str, list[nn.Parameter]] = {kind: [] for kind in rules}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            params[classify(name, p.ndim)].append(p)
-    return [{"name": kind, "params": params[kind], "weight_decay": rules[kind][0], "lr_scale": rules[kind][1]}
-            for kind in rules if params[kind]]
+from exatrain.model.llama import build_model, materialize
+from exatrain.train.optim import param_groups
 
 
 def coord_check(cfg: JobConfig, widths: list[int], steps: int, batch: int = 4, seed: int = 0,
@@ -72,7 +27,7 @@ def coord_check(cfg: JobConfig, widths: list[int], steps: int, batch: int = 4, s
     """
     out: dict[int, dict[str, list[float]]] = {}
     for width in widths:
-        mcfg = replace(cfg.model, dim=width, n_heads=n_heads, n_kv_heads=0)
+        mcfg = replace(cfg.model, dim=width, n_heads=n_heads, n_kv_heads=n_heads, ffn_hidden=0)
         model = materialize(build_model(mcfg), "cpu", seed)
         job = replace(cfg, model=mcfg)
         groups = param_groups(model, job)

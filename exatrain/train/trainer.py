@@ -1,50 +1,70 @@
-"""The training loop. It only knows narrow hooks: a model builder, a parallel engine, a data
-loader, an LR schedule, a checkpointer and a metrics logger; each method of the papers plugs
-in through one of them (S2 through the model, MeCo through the loader, muP through the
-engine's param groups, the Power scheduler through the schedule)."""
+"""The training loop, assembled from components: engine, data, LR schedule, checkpointer, metrics and
+callbacks. Methods plug in through narrow seams and never through an `if` in the loop:
+
+- model converters swap modules before parallelisation (exatrain.model.convert; the build sequence is
+  exatrain.parallel.parallelize);
+- callbacks hook around steps, evaluations and checkpoints and checkpoint their own state
+  (exatrain.train.callback; MeCo's cooldown is exatrain.train.meco);
+- the engine runs the steps on any layout (exatrain.engine), the schedule gives each step's LR from the
+  tokens seen (exatrain.train.schedules), the data loader is resumable (exatrain.data).
+
+`train(cfg)` runs or resumes a job; `Trainer(cfg, callbacks)` builds one for finer control.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-import os
+import signal
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from exatrain.config import JobConfig, to_yaml
-from exatrain.data import Batch, build_data
-from exatrain.data.meco import metadata_enabled
-from exatrain.launch.bootstrap import init_distributed
-from exatrain.model.llama import build_model, count_params
-from exatrain.parallel import ParallelDims, build_engine
-from exatrain.parallel.checkpoint import Checkpointer, TrainState
-from exatrain.train.metrics import MetricsLogger, peak_memory_bytes, throughput
-from exatrain.train.schedules import build_schedule
 from exatrain.bench.flops import flops_per_token
 from exatrain.bench.peak import peak_tflops
+from exatrain.config import ConfigError, JobConfig, to_yaml
+from exatrain.data import build_data, split_micro
+from exatrain.data.batch import Batch
+from exatrain.engine import StepStats, build_engine
+from exatrain.launch.bootstrap import init_distributed
+from exatrain.model.llama import build_model, count_params
+from exatrain.parallel.dims import MESH_DIMS, ParallelDims
+from exatrain.registry import CALLBACKS
+from exatrain.train.callback import Callback
+from exatrain.train.checkpoint import ENGINE, Checkpointer, Stateful, TrainState
+from exatrain.train.metrics import MetricsLogger, peak_memory_bytes, throughput
+from exatrain.train.schedules import build_schedule
 
 log = logging.getLogger("exatrain")
-
-_stop_reason: str | None = None
-
-
-def request_stop(reason: str) -> None:
-    """Ask the loop to checkpoint and return at the next step boundary (signal-handler safe)."""
-    global _stop_reason
-    _stop_reason = reason
 
 
 @dataclass
 class TrainResult:
-    status: str
+    status: str  # completed | preempted
     step: int
     final_loss: float
     run_dir: Path
     val_loss: float = float("nan")
+
+
+def train(cfg: JobConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Run (or resume) the job described by a loaded config; the process group it creates is torn down."""
+    owns_group = not dist.is_initialized()
+    trainer = None
+    try:
+        trainer = Trainer(cfg, callbacks)
+        return trainer.fit()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def device_type(name: str) -> str:
@@ -60,38 +80,29 @@ def setup_logging(rank: int) -> None:
                         format=f"%(asctime)s [rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
 
 
-def _all_reduce(value: float | int, op=dist.ReduceOp.SUM) -> float:
-    if not dist.is_initialized():
+def all_reduce(value: float, op=dist.ReduceOp.SUM) -> float:
+    """`value` combined over every rank (itself in a single process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t, op=op)
     return t.item()
 
 
-def _stop_agreed() -> str | None:
-    """Signals reach ranks at different times; all ranks stop at the same step boundary."""
-    flag = _all_reduce(1.0 if _stop_reason else 0.0, dist.ReduceOp.MAX)
-    return (_stop_reason or "stop requested on another rank") if flag else None
+def build_callbacks(cfg: JobConfig, extra: Sequence[Callback]) -> list[Callback]:
+    """`train.callbacks` (the methods' own come first, added at config resolution), then `extra`."""
+    callbacks = [CALLBACKS.get(name)(cfg) for name in cfg.train.callbacks] + list(extra)
+    names = [callback_key(cb) for cb in callbacks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"train.callbacks: two callbacks share a checkpoint name: {names}")
+    return callbacks
 
 
-def split_micro(batch: Batch, micro_batch: int) -> list[Batch]:
-    rows = batch.tokens.shape[0]
-    if rows % micro_batch:
-        raise ValueError(f"rank batch of {rows} rows is not a multiple of train.micro_batch={micro_batch}")
-    fields = ("tokens", "labels", "positions", "doc_ids")
-    chunks = {f: getattr(batch, f).split(micro_batch) for f in fields}
-    return [Batch(**{f: chunks[f][i] for f in fields}) for i in range(rows // micro_batch)]
+def callback_key(cb: Callback) -> str:
+    return f"callbacks.{getattr(cb, 'name', '') or type(cb).__name__}"
 
 
-def count_labels(micro: list[Batch], replicas: int) -> int:
-    """Global number of trained tokens in this step: the loss is normalised by it on every layout.
-
-    `replicas` ranks (tp × pp) see the same data rows, so their counts are divided out."""
-    local = sum(int((b.labels != -100).sum()) for b in micro)
-    return int(_all_reduce(local)) // replicas
-
-
-def check_finite(stats, step: int, policy: str) -> None:
+def check_finite(stats: StepStats, step: int, policy: str) -> None:
     """nan_policy=skip: a step whose gradients are non-finite was skipped by the engine (logged, counted in
     metrics as `skipped`); nan_policy=raise, or an engine that cannot skip, stops the run."""
     if math.isfinite(stats.loss) and math.isfinite(stats.grad_norm):
@@ -106,126 +117,174 @@ def check_finite(stats, step: int, policy: str) -> None:
                              "checkpoint, or set train.nan_policy=skip to skip such steps")
 
 
-def layout_of(dims: ParallelDims) -> dict[str, int]:
-    return {k: getattr(dims, k) for k in ("pp", "dp_replicate", "dp_shard", "tp")}
+class Trainer:
+    """One training job on this rank. Construction builds every component and resumes from the latest
+    checkpoint; `fit()` runs the loop. Attributes callbacks may use: cfg, state, engine, data, dims,
+    mesh, device, metrics, run_dir, and during a step `micro_batches` (this rank's)."""
 
+    def __init__(self, cfg: JobConfig, callbacks: Sequence[Callback] = ()):
+        self.cfg = cfg
+        self._stop_reason: str | None = None
+        self._previous_handler = self._install_stop_handler(cfg.train.stop_signal)
+        kind = device_type(cfg.train.device)
+        self.info = init_distributed(kind, cfg.parallel.timeout_s)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
+        setup_logging(self.info.rank)
+        self.dims = ParallelDims.from_config(cfg, self.info.world_size)
+        self.mesh = self.dims.build_mesh(self.device.type)
+        self.run_dir = Path(cfg.run_dir)
+        torch.manual_seed(cfg.train.seed)
 
-def evaluate(engine, loader, cfg: JobConfig) -> dict[str, float]:
-    total, count = 0.0, 0
-    for batch in loader.iter_batches(cfg.train.eval_batches, cfg.train.global_batch):
-        loss_sum, n = engine.eval_loss(split_micro(batch, cfg.train.micro_batch))
-        total, count = total + loss_sum, count + n
-    loss = total / max(count, 1)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        self.data = build_data(cfg, self.dims.dp_rank(self.mesh), self.dims.dp_size)
+        if self.data.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                              f"{self.data.tokenizer.vocab_size}; set model.vocab_size=0 to use the tokenizer's")
+        if self.info.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
 
+        self.callbacks = build_callbacks(cfg, callbacks)
+        model = build_model(cfg.model)
+        for cb in self.callbacks:
+            cb.on_build(model)
+        self.n_params = count_params(model)
+        self.engine = build_engine(model, cfg, self.dims, self.mesh, self.device)
+        self.schedule = build_schedule(cfg)
+        self.state = TrainState()
+        self.micro_batches: list[Batch] = []
+        self.checkpointer = Checkpointer(self.run_dir, cfg)
+        resume_from = self.checkpointer.resume_path()
+        if resume_from is not None:
+            self.checkpointer.load(resume_from, self.checkpoint_states())
+        self.resumed_step = self.state.step if resume_from is not None else -1
 
-def train(cfg: JobConfig) -> TrainResult:
-    """Run (or resume) the job described by `cfg`; the process group it creates is torn down on return."""
-    owns_group = not dist.is_initialized()
-    try:
-        return _train(cfg)
-    finally:
-        _clear_stop()
-        if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak = peak_tflops(self.device, cfg.train.dtype, cfg.metrics.peak_tflops)
+        self.metrics = MetricsLogger(self.run_dir, cfg.metrics, self.info.rank, cfg.train.steps,
+                                     start_step=self.state.step)
+        self.layout = {k: getattr(self.dims, k) for k in MESH_DIMS}
+        log.info("model: %.2fM params, layout %s, %d tokens/step, %d steps, peak %.3g TFLOP/s (%s)",
+                 self.n_params / 1e6, "·".join(f"{k}{v}" for k, v in self.layout.items()), self.tokens_per_step,
+                 cfg.train.steps, self.peak.tflops, self.peak.source)
 
+    # -- the loop
 
-def _train(cfg: JobConfig) -> TrainResult:
-    kind = device_type(cfg.train.device)
-    info = init_distributed(kind, cfg.parallel.timeout_s)
-    device = torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
-    setup_logging(info.rank)
-    dims = ParallelDims.from_config(cfg, info.world_size)
-    mesh = dims.build_mesh(device.type)
-    run_dir = Path(cfg.run_dir)
-    torch.manual_seed(cfg.train.seed)
+    def fit(self) -> TrainResult:
+        """Train to `train.steps` (or until a stop request), evaluate, and write the final checkpoint."""
+        if self.state.step >= self.cfg.train.steps:
+            log.info("run already complete (step %d of %d): evaluating only; raise train.steps to train further",
+                     self.state.step, self.cfg.train.steps)
+        self._emit("on_train_start", self)
+        status = "failed"
+        try:
+            result = self._run()
+            status = result.status
+        finally:
+            self._emit("on_train_end", self, status)
+        return result
 
-    cache_dir = Path(os.environ.get("EXATRAIN_CACHE", Path.home() / ".cache" / "exatrain"))
-    data = build_data(cfg, dims.dp_rank(mesh), dims.dp_size, cache_dir)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = data.tokenizer.vocab_size
-    elif cfg.model.vocab_size < data.tokenizer.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                         f"{data.tokenizer.vocab_size}; set model.vocab_size=0 to use the tokenizer's")
-    if info.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    def _run(self) -> TrainResult:
+        cfg, state = self.cfg, self.state
+        loss, last_eval = float("nan"), None
+        while state.step < cfg.train.steps:
+            reason = self._stop_agreed()
+            if reason:
+                log.warning("stopping at step %d: %s", state.step, reason)
+                self.save_checkpoint()
+                return TrainResult("preempted", state.step, loss, self.run_dir)
+            self._emit("on_step_start", self)
+            stats, record = self.train_step()
+            loss = stats.loss
+            self._emit("on_step_end", self, stats, record)
+            self.metrics.log_step(state.step, record)
+            if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
+                last_eval = (state.step, self.evaluate())
+            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and state.step < cfg.train.steps:
+                self.save_checkpoint()
+        if last_eval is None or last_eval[0] != state.step:
+            last_eval = (state.step, self.evaluate())
+        if cfg.checkpoint.save_final and state.step != self.resumed_step:
+            self.save_checkpoint()
+        return TrainResult("completed", state.step, loss, self.run_dir, last_eval[1]["val_loss"])
 
-    model = build_model(cfg.model)
-    n_params = count_params(model)
-    engine = build_engine(model, cfg, dims, mesh, device)
-    schedule = build_schedule(cfg)
-    ckpt = Checkpointer(run_dir, cfg.checkpoint)
-    state = TrainState()
-    resume_from = ckpt.resume_path()
-    if resume_from is not None:
-        state = ckpt.load(resume_from, engine, data.train, cfg)
-    resumed_step = state.step if resume_from is not None else -1
-    if state.step >= cfg.train.steps:
-        log.info("run already complete (step %d of %d): evaluating only; raise train.steps to train further",
-                 state.step, cfg.train.steps)
-
-    tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
-    total_tokens = cfg.train.steps * tokens_per_step
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = peak_tflops(device, cfg.train.dtype, cfg.metrics.peak_tflops)
-    metrics = MetricsLogger(run_dir, cfg.metrics, info.rank, cfg.train.steps, start_step=state.step)
-    layout = layout_of(dims)
-    log.info("model: %.2fM params, layout %s, %d tokens/step, %d steps, peak %.3g TFLOP/s (%s)",
-             n_params / 1e6, "·".join(f"{k}{v}" for k, v in layout.items()), tokens_per_step, cfg.train.steps,
-             peak.tflops, peak.source)
-
-    def checkpoint() -> None:
-        ckpt.save(state.step, engine, data.train, state, cfg, layout)
-
-    loss = float("nan")
-    status = "completed"
-    last_eval, last_eval_step = {}, -1
-    while state.step < cfg.train.steps:
-        reason = _stop_agreed()
-        if reason:
-            log.warning("stopping at step %d: %s", state.step, reason)
-            checkpoint()
-            status = "preempted"
-            break
+    def train_step(self) -> tuple[StepStats, dict[str, Any]]:
+        """Draw the global batch, run one optimizer step, and return its stats and metrics record."""
+        cfg, state = self.cfg, self.state
         t0 = time.perf_counter()
-        if cfg.data.meco.enabled:
-            data.train.set_metadata(metadata_enabled(cfg.data.meco, state.tokens_seen, total_tokens))
-        micro = split_micro(data.train.next_batch(cfg.train.global_batch), cfg.train.micro_batch)
-        n_labels = count_labels(micro, dims.tp * dims.pp)
+        self.micro_batches = split_micro(self.data.train.next_batch(cfg.train.global_batch), cfg.train.micro_batch)
+        # tp x pp ranks see the same rows, so their counts are divided out of the global label count.
+        n_labels = int(all_reduce(sum(b.n_labels for b in self.micro_batches))) // (self.dims.tp * self.dims.pp)
         t_data = time.perf_counter() - t0
-        lr = schedule.lr(state.tokens_seen, cfg.train.global_batch)
-        stats = engine.train_step(micro, n_labels, lr)
+        lr = self.schedule.lr(state.tokens_seen, cfg.train.global_batch)
+        stats = self.engine.train_step(self.micro_batches, n_labels, lr)
         check_finite(stats, state.step + 1, cfg.train.nan_policy)
-        loss = stats.loss
         state.step += 1
-        state.tokens_seen += tokens_per_step
+        state.tokens_seen += self.tokens_per_step
         elapsed = time.perf_counter() - t0
-        metrics.log_step(state.step, {
+        record = {
             "loss": stats.loss, "grad_norm": stats.grad_norm, "lr": lr, "tokens_seen": state.tokens_seen,
             **({"skipped": 1} if stats.skipped else {}),
-            **throughput(tokens_per_step, elapsed, fpt, peak, info.world_size),
-            "peak_mem_gb": peak_memory_bytes(device) / 2**30, "data_wait_pct": 100 * t_data / elapsed,
-        })
-        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
-            last_eval, last_eval_step = evaluate(engine, data.val, cfg), state.step
-            metrics.log_eval(state.step, last_eval)
-        if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and state.step < cfg.train.steps:
-            checkpoint()
+            **throughput(self.tokens_per_step, elapsed, self.flops_per_token, self.peak, self.info.world_size),
+            "peak_mem_gb": peak_memory_bytes(self.device) / 2**30, "data_wait_pct": 100 * t_data / elapsed,
+        }
+        return stats, record
 
-    val_loss = float("nan")
-    if status == "completed":
-        val = last_eval if last_eval_step == state.step else evaluate(engine, data.val, cfg)
-        val_loss = val["val_loss"]
-        if last_eval_step != state.step:
-            metrics.log_eval(state.step, val)
-        if cfg.checkpoint.save_final and state.step != resumed_step:
-            checkpoint()
-    metrics.close()
-    return TrainResult(status, state.step, loss, run_dir, val_loss)
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss over `train.eval_batches` fixed batches; callbacks may add entries before logging."""
+        cfg = self.cfg
+        total, count = 0.0, 0
+        for batch in self.data.val.iter_batches(cfg.train.eval_batches, cfg.train.global_batch):
+            loss_sum, n = self.engine.eval_loss(split_micro(batch, cfg.train.micro_batch))
+            total, count = total + loss_sum, count + n
+        loss = total / max(count, 1)
+        results = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        self._emit("on_eval", self, results)
+        self.metrics.log_eval(self.state.step, results)
+        return results
 
+    def save_checkpoint(self) -> Path:
+        path = self.checkpointer.save(self.state.step, self.checkpoint_states(),
+                                      {"tokens_seen": self.state.tokens_seen, "layout": self.layout})
+        self._emit("on_checkpoint", self, path)
+        return path
 
-def _clear_stop() -> None:
-    """A handled stop must not leak into the next `train` call of this process."""
-    global _stop_reason
-    _stop_reason = None
+    def checkpoint_states(self) -> dict[str, Stateful]:
+        """What a checkpoint holds: model + optimizer, progress, the data position, each callback."""
+        return {ENGINE: self.engine, "trainer": self.state, "data": self.data.train,
+                **{callback_key(cb): cb for cb in self.callbacks if hasattr(cb, "state_dict")}}
+
+    # -- stopping
+
+    def request_stop(self, reason: str) -> None:
+        """Checkpoint and return at the next step boundary (safe to call from a signal handler)."""
+        self._stop_reason = reason
+
+    def _stop_agreed(self) -> str | None:
+        """Signals reach ranks at different times; all ranks stop at the same step boundary."""
+        flag = all_reduce(1.0 if self._stop_reason else 0.0, dist.ReduceOp.MAX)
+        return (self._stop_reason or "stop requested on another rank") if flag else None
+
+    def _install_stop_handler(self, name: str) -> tuple[signal.Signals, Any] | None:
+        """Slurm's pre-limit signal (or `scancel --signal`) becomes a stop request; `close` restores the
+        previous handler. Signal handlers can only be set from the main thread."""
+        if not name or threading.current_thread() is not threading.main_thread():
+            return None
+        signum = signal.Signals[name]
+        previous = signal.signal(signum, lambda num, _frame: self.request_stop(
+            f"received {signal.Signals(num).name} (time limit or preemption)"))
+        return signum, signal.SIG_DFL if previous is None else previous
+
+    def close(self) -> None:
+        """Flush metrics and give the stop signal back; safe to call on a half-built trainer."""
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        if self._previous_handler is not None:
+            signal.signal(*self._previous_handler)
+            self._previous_handler = None
+
+    def _emit(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(*args)

@@ -1,0 +1,205 @@
+"""The native engine (`parallel.engine=native`): FSDP2 + DTensor TP + torch pipelining on one DeviceMesh.
+
+One code path serves every layout, a single process included: exatrain.parallel.parallelize builds
+this rank's parts; this module runs steps on them. `model_parts` holds this rank's pipeline stages
+(one without virtual stages).
+
+Precision: train.dtype=bf16 uses FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 sharded master
+weights and fp32 gradient reduction) when data parallelism is on, else bf16 autocast; the loss is
+always computed in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from exatrain.config import JobConfig
+from exatrain.data.batch import Batch
+from exatrain.engine.base import StepStats, ce_sum, local, model_inputs
+from exatrain.model.convert import converters_of
+from exatrain.parallel.dims import V_SCHEDULES, ParallelDims
+from exatrain.parallel.parallelize import parallelize
+from exatrain.parallel.pipeline import build_schedule, forward_only
+from exatrain.registry import ENGINES
+from exatrain.train.optim import build_optimizer, set_lr
+
+_OPTIM_SD = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def finalize_grads(parts: list[nn.Module]) -> None:
+    """Give every DTensor gradient its parameter's placements before clipping and the optimizer step.
+
+    Under sequence parallelism the norm weights' gradients come out Partial (one all-reduce here instead
+    of one per optimizer op), and DTensor's embedding backward yields a replicated full-vocabulary
+    gradient (sliced locally to this rank's rows, no communication).
+    """
+    for part in parts:
+        for p in part.parameters():
+            if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+
+
+def grad_norm(parts: list[nn.Module], mesh: DeviceMesh, device: torch.device) -> torch.Tensor:
+    """Global L2 norm of all gradients with one all-reduce over the world (after `finalize_grads`).
+
+    Each rank adds the squares of the gradient shards it holds; a tensor that is not sharded over a
+    data/tensor mesh dim is replicated there, so only that dim's rank 0 counts it. Pipeline stages
+    hold disjoint parameters and all count.
+    """
+    coords = {d: mesh.get_local_rank(d) for d in ("dp_replicate", "dp_shard", "tp")}
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for part in parts:
+        for p in part.parameters():
+            g = p.grad
+            if g is None:
+                continue
+            sharded: set[str] = set()
+            if isinstance(g, DTensor):
+                sharded = {d for d, pl in zip(g.device_mesh.mesh_dim_names, g.placements) if not pl.is_replicate()}
+                g = g.to_local()
+            if all(c == 0 for d, c in coords.items() if d not in sharded):
+                sq += torch.linalg.vector_norm(g, dtype=torch.float64) ** 2
+    if mesh.size() > 1:
+        dist.all_reduce(sq)
+    return sq.sqrt().float().cpu()
+
+
+@torch.no_grad()
+def clip_grads(parts: list[nn.Module], norm: float, max_norm: float) -> None:
+    """Scale gradients by max_norm / norm when the global norm exceeds it (max_norm 0: no clipping)."""
+    coef = max_norm / (norm + 1e-6) if max_norm > 0 else 1.0
+    if coef < 1.0:
+        for part in parts:
+            for p in part.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+
+
+class NativeEngine:
+    """FSDP2 + DTensor TP + torch pipelining; see the module docstring."""
+
+    def __init__(self, model: nn.Module, cfg: JobConfig, dims: ParallelDims, mesh: DeviceMesh,
+                 device: torch.device):
+        self.cfg, self.dims, self.mesh, self.device = cfg, dims, mesh, device
+        p = cfg.parallel
+        self.loss_parallel = dims.tp_enabled and p.loss_parallel
+        self.autocast_bf16 = cfg.train.dtype == "bf16" and not dims.dp_enabled
+        self.stage_ids, self.model_parts = parallelize(model, cfg, dims, mesh, device)
+        self.optimizers = [build_optimizer(part, cfg) for part in self.model_parts]
+        self.post_step_hooks = [c.after_optimizer_step for c in converters_of(cfg) if c.after_optimizer_step]
+        self.has_last_stage = dims.n_stages - 1 in self.stage_ids
+        self.reports_loss = self.has_last_stage and mesh.get_local_rank("tp") == 0
+        self.pp_group = mesh.get_group("pp") if dims.pp_enabled else None
+        self._n_labels = 1
+        self.schedule = (build_schedule(self.model_parts, self.stage_ids, dims, mesh, device, p.pp_schedule,
+                                        self._pp_loss) if dims.pp_enabled else None)
+
+    def _context(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if self.loss_parallel:
+            stack.enter_context(loss_parallel())
+        if self.autocast_bf16:
+            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+        return stack
+
+    def _pp_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return ce_sum(logits, labels) / self._n_labels
+
+    def _run(self, b: Batch, train: bool) -> torch.Tensor:
+        """Forward (+ backward when training) one micro-batch; returns this rank's share of the loss."""
+        tokens, kwargs = model_inputs(b, self.device)
+        labels = b.labels.to(self.device)
+        if self.schedule is None:
+            loss = ce_sum(self.model_parts[0](tokens, **kwargs), labels) / self._n_labels
+            if train:
+                loss.backward()
+            return local(loss.detach())
+        schedule = self.cfg.parallel.pp_schedule
+        if not train and schedule in V_SCHEDULES:
+            out = forward_only(self.model_parts, self.stage_ids, self.dims, schedule, self.pp_group, tokens, kwargs)
+            return local(ce_sum(out, labels)) if out is not None else torch.zeros(())
+        losses: list[torch.Tensor] = []
+        args = (tokens,) if 0 in self.stage_ids else ()
+        target = labels if self.has_last_stage else None
+        if train:
+            self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+        else:
+            self.schedule.eval(*args, target=target, losses=losses, **kwargs)
+        return sum((local(x.detach()) for x in losses), torch.zeros(()))
+
+    def _global_sum(self, value: torch.Tensor) -> float:
+        """Sum of the loss over data-parallel ranks, counted once per (tp, pp) group."""
+        value = value.double().cpu() if self.reports_loss else torch.zeros((), dtype=torch.float64)
+        if dist.is_initialized() and self.dims.distributed:
+            dist.all_reduce(value)
+        return value.item()
+
+    def train_step(self, micro_batches: list[Batch], n_label_tokens: int, lr: float) -> StepStats:
+        self._n_labels = max(n_label_tokens, 1)
+        loss = torch.zeros(())
+        for part in self.model_parts:
+            part.train()
+        with self._context():
+            for b in micro_batches:
+                loss = loss + self._run(b, train=True).float().cpu()
+        finalize_grads(self.model_parts)
+        norm = grad_norm(self.model_parts, self.mesh, self.device)
+        if not torch.isfinite(norm):
+            # The norm is global, so every rank skips together and weights and optimizer state stay intact.
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            return StepStats(loss=self._global_sum(loss), grad_norm=norm.item(), skipped=True)
+        clip_grads(self.model_parts, norm.item(), self.cfg.optim.grad_clip)
+        for opt in self.optimizers:
+            set_lr(opt, lr)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for hook in self.post_step_hooks:
+            for part in self.model_parts:
+                hook(part, self.cfg)
+        return StepStats(loss=self._global_sum(loss), grad_norm=norm.item())
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[Batch]) -> tuple[float, int]:
+        self._n_labels = 1
+        for part in self.model_parts:
+            part.eval()
+        loss, count = torch.zeros(()), 0
+        with self._context():
+            for b in micro_batches:
+                loss = loss + self._run(b, train=False).float().cpu()
+                count += b.n_labels
+        total = self._global_sum(loss)
+        n = self._global_sum(torch.tensor(float(count)))
+        return total, int(round(n))
+
+    def state_dict(self) -> dict[str, dict]:
+        """{"model": FQN -> tensor, "optim": flattened FQN-keyed optimizer state}; DTensors stay sharded."""
+        model, optim = {}, {}
+        for part, opt in zip(self.model_parts, self.optimizers):
+            model.update(get_model_state_dict(part))
+            optim.update(get_optimizer_state_dict(part, opt, options=_OPTIM_SD))
+        return {"model": model, "optim": optim}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        for part, opt in zip(self.model_parts, self.optimizers):
+            own = get_model_state_dict(part).keys()
+            set_model_state_dict(part, {k: state["model"][k] for k in own})
+            set_optimizer_state_dict(part, opt, state["optim"], options=_OPTIM_SD)
+
+
+ENGINES.register("native", NativeEngine)

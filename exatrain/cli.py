@@ -6,30 +6,23 @@ import argparse
 import math
 import sys
 
-from exatrain.config import ConfigError, load_config, to_yaml
+from exatrain.config import DEFAULT_CONFIG, ConfigError, load_config, split_config_args, to_yaml
 from exatrain.launch.cli import add_launch_arguments
-
-DEFAULT_CONFIG = "tiny.yaml"
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
-                   help=f"YAML config (path, or a name under configs/; default {DEFAULT_CONFIG})")
+                   help=f"YAML config (path, or a name under exatrain/configs/; default {DEFAULT_CONFIG})")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. optim.lr=3e-4 train.steps=100")
 
 
 def _split_config(args: argparse.Namespace) -> tuple[str, list[str]]:
-    """`exatrain train optim.lr=1e-3` means the default config with one override."""
-    if "=" in args.config:
-        return DEFAULT_CONFIG, [args.config, *args.overrides]
-    return args.config, args.overrides
+    return split_config_args([args.config, *args.overrides])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from exatrain.launch.job import install_stop_handler
     from exatrain.train.trainer import train
 
-    install_stop_handler()
     path, overrides = _split_config(args)
     result = train(load_config(path, overrides))
     loss = f"loss {result.final_loss:.4f}, " if math.isfinite(result.final_loss) else ""
@@ -52,7 +45,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from exatrain.eval.perplexity import evaluate_perplexity, format_table
-    from exatrain.parallel.checkpoint import CheckpointError
+    from exatrain.train.checkpoint import CheckpointError
 
     try:
         result = evaluate_perplexity(args.run_dir, args.metadata or ["none", "real"], args.max_docs, device=args.device)
@@ -72,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("print-config", help="print the resolved config")
     _add_config_args(p)
     p.set_defaults(func=cmd_print_config)
-    p = sub.add_parser("launch", help="submit to Slurm through submitit (profiles in configs/clusters/)")
+    p = sub.add_parser("launch", help="submit to Slurm through submitit (profiles in exatrain/configs/clusters/)")
     _add_config_args(p)
     add_launch_arguments(p)
     p.set_defaults(func=cmd_launch)

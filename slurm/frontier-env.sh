@@ -1,6 +1,6 @@
 # OLCF Frontier environment for exatrain ranks: modules, the RCCL network plugin, RCCL/libfabric
 # settings, node-local MIOpen cache. Sourced by slurm/frontier.sbatch; keep in step with
-# configs/clusters/frontier.yaml (tests/test_launch.py checks that both set the same variables).
+# exatrain/configs/clusters/frontier.yaml (tests/test_launch.py checks that both set the same variables).
 module load PrgEnv-gnu/8.6.0
 module load rocm/6.2.4
 module load craype-accel-amd-gfx90a

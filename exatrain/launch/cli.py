@@ -10,7 +10,7 @@ import argparse
 import sys
 
 _FLAGS = {  # flag -> (LaunchConfig field, type, help)
-    "--cluster": ("cluster", str, "profile in configs/clusters/ (frontier, nvidia, local) or a YAML path"),
+    "--cluster": ("cluster", str, "profile in exatrain/configs/clusters/ (frontier, nvidia, local) or a YAML path"),
     "--nodes": ("nodes", int, "number of nodes"),
     "--tasks-per-node": ("tasks_per_node", int, "ranks per node, one per GPU (default: the profile's)"),
     "--cpus-per-task": ("cpus_per_task", int, "CPU cores per rank (default: the profile's)"),
@@ -35,11 +35,12 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_launch(path: str, overrides: list[str], args: argparse.Namespace) -> int:
-    from exatrain.config import load_config
-    from exatrain.launch.submit import JobFailed, prepare, submit, wait
     from submitit.core.utils import FailedJobError
 
-    cfg = load_config(path, overrides)
+    from exatrain.config import parse_config
+    from exatrain.launch.submit import JobFailed, prepare, submit, wait
+
+    cfg = parse_config(path, overrides)
     for flag, (key, _, _) in _FLAGS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:

@@ -1,11 +1,11 @@
 """What runs on every rank of a submitted job: train, stop cleanly on the pre-limit signal, requeue.
 
 Slurm sends SIGUSR2 `launch.signal_s` seconds before the time limit (`#SBATCH --signal`), and
-`scancel --signal=USR2` does the same for a preemption. The handler only asks the trainer to stop;
-the trainer agrees across ranks at the next step boundary, writes a checkpoint and returns
-"preempted". Rank 0 then requeues the job, every rank exits without a result, and the requeued job
-resumes from that checkpoint (checkpoint.resume=auto). submitit's own handler would checkpoint from
-inside the signal handler, mid-step; ours replaces it for this reason.
+`scancel --signal=USR2` does the same for a preemption. The trainer's handler (train.stop_signal)
+only asks it to stop; the trainer agrees across ranks at the next step boundary, writes a checkpoint
+and returns "preempted". Rank 0 then requeues the job, every rank exits without a result, and the
+requeued job resumes from that checkpoint (checkpoint.resume=auto). submitit's own handler would
+checkpoint from inside the signal handler, mid-step; the trainer's replaces it for this reason.
 
 A failing rank logs its rank, host and error before re-raising; srun --kill-on-bad-exit then ends
 the other ranks, so the job fails promptly instead of hanging in a collective.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
-import signal
 import socket
 import sys
 from typing import Any
@@ -26,21 +25,9 @@ from exatrain.launch.slurm import requeue
 
 log = logging.getLogger("exatrain.launch")
 
-STOP_SIGNAL = signal.SIGUSR2
-
 
 class RankFailed(RuntimeError):
     """Raised from a failed rank so the submitter's traceback starts with who failed and where."""
-
-
-def install_stop_handler(signum: int = STOP_SIGNAL) -> None:
-    """On `signum`, ask the trainer to checkpoint and return at the next step boundary."""
-    from exatrain.train.trainer import request_stop
-
-    def handler(num: int, _frame: Any) -> None:
-        request_stop(f"received {signal.Signals(num).name} (time limit or preemption)")
-
-    signal.signal(signum, handler)
 
 
 def _node_local_dirs() -> None:
@@ -62,7 +49,6 @@ class TrainJob:
         from exatrain.train.trainer import train
 
         faulthandler.enable()  # a segfault or fatal signal still prints this rank's Python stack
-        install_stop_handler()
         _node_local_dirs()
         info = detect_rank()
         where = f"rank {info.rank}/{info.world_size} on {os.environ.get('SLURMD_NODENAME') or socket.gethostname()}"
@@ -93,12 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     """`srun python -m exatrain.launch.job CONFIG key=value...`: one rank of a job submitted with a plain
     sbatch script (slurm/*.sbatch) instead of `exatrain launch`, with the same stop/requeue handling.
     Exit status: 0 completed, 3 stopped without a requeue."""
-    from exatrain.cli import DEFAULT_CONFIG
-    from exatrain.config import load_config, to_dict
+    from exatrain.config import load_config, split_config_args, to_dict
 
-    args = sys.argv[1:] if argv is None else argv
-    path, overrides = (args[0], args[1:]) if args and "=" not in args[0] else (DEFAULT_CONFIG, args)
-    cfg = load_config(path, overrides)
+    cfg = load_config(*split_config_args(sys.argv[1:] if argv is None else argv))
     result = TrainJob(to_dict(cfg), cfg.launch.max_requeues)()
     if int(os.environ.get("SLURM_PROCID", 0)) == 0:
         print(f"exatrain: {result.status} at step {result.step}, loss {result.final_loss:.4f}, run dir {result.run_dir}")

@@ -1,14 +1,16 @@
 """Cluster profiles and the Slurm plan: what `sbatch` and `srun` get for a job on a given cluster.
 
-A profile (configs/clusters/<name>.yaml) holds what is true of a machine: tasks (= GPUs) per node,
-cores per task, srun binding flags, modules and environment. LaunchConfig holds what is true of a
+A profile (exatrain/configs/clusters/<name>.yaml) holds what is true of a machine: tasks (= GPUs) per
+node, cores per task, srun binding flags, modules and environment. LaunchConfig holds what is true of a
 job: nodes, time, account. `make_plan` merges them (job wins where set) into submitit's Slurm
-parameters; `render_sbatch` renders the exact batch script submitit would submit, for --dry-run.
+parameters; `render_sbatch` renders the batch script submitit submits for them, for --dry-run (its
+layout follows submitit's; tests/test_launch.py compares the two so they cannot drift apart).
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ PROFILE_DIR = CONFIG_DIR / "clusters"
 
 @dataclass
 class ClusterProfile:
-    """One cluster's defaults; see configs/clusters/*.yaml."""
+    """One cluster's defaults; see exatrain/configs/clusters/*.yaml."""
 
     name: str = ""
     description: str = ""
@@ -46,7 +48,7 @@ def profile_names() -> list[str]:
 
 
 def load_profile(name: str) -> ClusterProfile:
-    """A profile by name (configs/clusters/NAME.yaml) or by path to a YAML file."""
+    """A profile by name (exatrain/configs/clusters/NAME.yaml) or by path to a YAML file."""
     path = Path(name) if name.endswith((".yaml", ".yml")) else PROFILE_DIR / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(f"launch.cluster: no cluster profile {name!r} (known: {', '.join(profile_names())}; "
@@ -150,13 +152,30 @@ def make_plan(launch: LaunchConfig, job_name: str) -> SlurmPlan:
         constraint=launch.constraint or profile.constraint, sbatch=sbatch, srun=srun, setup=setup)
 
 
-def render_sbatch(plan: SlurmPlan, folder: Path, python: str, array_size: int = 0) -> str:
-    """The batch script submitit writes for this plan (its own renderer, so dry runs cannot drift)."""
-    from submitit.slurm.slurm import _make_sbatch_string
+STOP_SIGNAL = "USR2"  # what submitit's `#SBATCH --signal` sends; the trainer's train.stop_signal default
 
-    command = f"{python} -u -m submitit.core._submit {folder}"
-    return _make_sbatch_string(command=command, folder=folder, map_count=array_size or None,
-                               **plan.executor_parameters())
+
+def render_sbatch(plan: SlurmPlan, folder: Path, python: str, array_size: int = 0) -> str:
+    """The batch script submitit writes for this plan: sorted `#SBATCH` flags, the setup lines, then srun
+    running submitit's entry point, with per-rank logs `<folder>/<job>_<rank>_log.{out,err}`."""
+    job = "%A_%a" if array_size else "%j"
+    stdout, stderr = f"{folder}/{job}_%t_log.out", f"{folder}/{job}_%t_log.err"
+    params = {k: v for k, v in plan.executor_parameters().items()
+              if k not in ("signal_delay_s", "setup", "srun_args", "additional_parameters")}
+    params.update({"wckey": "submitit", "signal": f"{STOP_SIGNAL}@{plan.signal_s}",
+                   "output": stdout.replace("%t", "0"), "error": stderr.replace("%t", "0"), "open-mode": "append"})
+    if array_size:
+        params["array"] = f"0-{array_size - 1}%{min(array_size, 256)}"
+    params.update(plan.sbatch)
+    lines = ["#!/bin/bash", "", "# Parameters"]
+    for key, value in sorted(params.items()):
+        flag = key.replace("_", "-")
+        lines.append(f"#SBATCH --{flag}" if value is True else f"#SBATCH --{flag}={shlex.quote(str(value))}")
+    if plan.setup:
+        lines += ["", "# setup", *plan.setup]
+    srun = shlex.join(["srun", "--unbuffered", "--output", stdout, "--error", stderr, *plan.srun])
+    lines += ["", "# command", "export SUBMITIT_EXECUTOR=slurm", f"{srun} {python} -u -m submitit.core._submit {folder}", ""]
+    return "\n".join(lines)
 
 
 def requeue(job_id: str) -> None:

@@ -24,11 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from submitit.core.utils import pickle_load
 
-from exatrain.config import ConfigError, JobConfig, to_dict, validate
+from exatrain.config import ConfigError, JobConfig, finalize_config, to_dict, with_overrides
 from exatrain.launch import snapshot, sweep
 from exatrain.launch.job import TrainJob
 from exatrain.launch.slurm import SlurmPlan, make_plan, render_sbatch
@@ -73,16 +71,6 @@ class LaunchPlan:
         return "\n".join(lines)
 
 
-def with_overrides(cfg: JobConfig, overrides: Sequence[str]) -> JobConfig:
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
-        out: JobConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"invalid override in {' '.join(overrides)}: {exc}") from None
-    validate(out)
-    return out
-
-
 def _check_layout(cfg: JobConfig, world_size: int) -> None:
     """Fail at submission, not after the queue wait, when the parallel layout cannot fit the job."""
     from exatrain.parallel.dims import ParallelDims
@@ -94,7 +82,10 @@ def _check_layout(cfg: JobConfig, world_size: int) -> None:
 
 
 def prepare(cfg: JobConfig, sweep_axes: Sequence[str] = ()) -> LaunchPlan:
-    """Resolve cluster profile, sweep points and run directories; touches nothing on disk."""
+    """Resolve cluster profile, sweep points and run directories; touches nothing on disk.
+
+    `cfg` is a parsed, unresolved config (exatrain.config.parse_config): each point is resolved after its
+    overrides, so values derived from a swept key (the FFN width of a swept model.dim) follow it."""
     slurm = make_plan(cfg.launch, cfg.name)
     root = Path(cfg.run_dir).absolute()
     axes = sweep.parse_axes(sweep_axes)
@@ -103,9 +94,9 @@ def prepare(cfg: JobConfig, sweep_axes: Sequence[str] = ()) -> LaunchPlan:
                           "(submit one launch per shape instead)")
     points = sweep.expand(axes)
     if len(points) == 1:
-        runs = [RunSpec(with_overrides(cfg, [*points[0], f"run_dir={root}"]), root, points[0])]
+        runs = [RunSpec(finalize_config(with_overrides(cfg, [*points[0], f"run_dir={root}"])), root, points[0])]
     else:
-        runs = [RunSpec(with_overrides(cfg, [*p, f"run_dir={root / str(i)}"]), root / str(i), p)
+        runs = [RunSpec(finalize_config(with_overrides(cfg, [*p, f"run_dir={root / str(i)}"])), root / str(i), p)
                 for i, p in enumerate(points)]
     for run in runs:
         _check_layout(run.cfg, slurm.world_size)

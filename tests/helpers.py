@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,3 +52,15 @@ def losses(run_dir: Path) -> dict[int, float]:
         if rec.get("kind", "train") == "train" and "loss" in rec:
             out[rec["step"]] = rec["loss"]
     return out
+
+
+def kill_after_checkpoint(cmd: list[str], run_dir: Path, step: int, env: dict[str, str], timeout: float = 240) -> None:
+    """Start a training command and SIGKILL it as soon as its step-`step` checkpoint is complete."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+    deadline = time.time() + timeout
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert target.exists(), f"the run never reached its step-{step} checkpoint"

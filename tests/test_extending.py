@@ -4,9 +4,7 @@ and a callback: each runs at its documented point, and their state survives a SI
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 
 from exatrain.config import load_config
 from exatrain.train.checkpoint import list_checkpoints
-from helpers import REPO, env, run, train_cmd
+from helpers import REPO, env, kill_after_checkpoint, run, train_cmd
 
 TESTS = Path(__file__).resolve().parent
 PLUGIN = ["plugins=[toy_plugin]", "model.converters=[toy_shift]", "train.callbacks=[toy]", "train.eval_every=6"]
@@ -79,15 +77,7 @@ def test_converter_and_callback_run_at_their_points(reference):
 
 
 def test_plugin_state_survives_sigkill_and_resume_bitwise(tmp_path, cache, reference):
-    proc = subprocess.Popen(train_cmd(tmp_path, *PLUGIN, "checkpoint.keep=5"), cwd=REPO, env=plugin_env(cache),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = tmp_path / "checkpoints" / "step_00000008"
-    deadline = time.time() + 240
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert target.exists(), "the run never reached its step-8 checkpoint"
+    kill_after_checkpoint(train_cmd(tmp_path, *PLUGIN, "checkpoint.keep=5"), tmp_path, 8, plugin_env(cache))
     run(train_cmd(tmp_path, *PLUGIN, "checkpoint.keep=5"), cache, timeout=300, env_override=plugin_env(cache))
     assert train_records(tmp_path) == train_records(reference)
     resumed = [e for e in events(tmp_path) if e["hook"] == "on_train_start"][-1]

@@ -5,8 +5,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ from exatrain.config import load_config
 from exatrain.train import trainer
 from exatrain.train.callback import Callback
 from exatrain.train.checkpoint import Checkpointer, CheckpointError, list_checkpoints
-from helpers import REPO, TINY, env, losses, run, torchrun_cmd, train_cmd
+from helpers import TINY, env, kill_after_checkpoint, losses, run, torchrun_cmd, train_cmd
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +43,7 @@ def test_loss_decreases_on_default_corpus(tmp_path, cache):
 
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path, cache, reference):
-    proc = subprocess.Popen(train_cmd(tmp_path, "checkpoint.keep=5"), cwd=REPO, env=env(cache),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = tmp_path / "checkpoints" / "step_00000008"
-    deadline = time.time() + 240
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert target.exists(), "the run never reached its step-8 checkpoint"
+    kill_after_checkpoint(train_cmd(tmp_path, "checkpoint.keep=5"), tmp_path, 8, env(cache))
     killed_at = max(losses(tmp_path))
     assert killed_at < 12
     run(train_cmd(tmp_path, "checkpoint.keep=5"), cache)

@@ -164,9 +164,10 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     """Layout (exatrain.parallel, DESIGN.md §2): degrees tp·pp·dp_replicate·dp_shard = world size, one may be
-    -1 (inferred). zero_stage: native FSDP2 3 = reshard after forward, 2 = keep gathered until backward;
-    deepspeed 1/2/3. pp_microbatches: pipeline micro-batches per train.micro_batch (0 = one sequence each).
-    pp_stage_layers: layers per stage (empty = balanced). init: full = single-process init then shard
+    -1 (inferred). zero_stage: native 3 = FSDP2 resharding after forward, 2 = FSDP2 keeping parameters
+    gathered until backward, 1 = ZeRO-1 (replicated parameters and gradients, sharded optimizer states,
+    composes with tp and pp: the Frontier paper's layout); deepspeed 1/2/3. pp_microbatches: pipeline
+    micro-batches per train.micro_batch (0 = one sequence each). pp_stage_layers: layers per stage (empty = balanced). init: full = single-process init then shard
     (identical across layouts), sharded = init the local shards only (O(params/ranks) memory)."""
 
     tp: int = 1

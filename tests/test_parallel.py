@@ -81,6 +81,13 @@ CASES_2 = {
     "deepspeed_zero2_bf16": ({"overrides": DS + ["parallel.zero_stage=2", "train.dtype=bf16"]}, "bf16"),
     "dp_replicate2_sharded_init": ({"overrides": ["parallel.dp_shard=1", "parallel.dp_replicate=2",
                                                   "parallel.init=sharded"]}, "runs"),
+    "zero1_dp2": ({"overrides": ["parallel.dp_shard=2", "parallel.zero_stage=1"]}, "exact"),
+    "zero1_dp2_ac_full_tied": ({"overrides": ["parallel.dp_shard=2", "parallel.zero_stage=1", "model.tie_embeddings=true",
+                                              "train.activation_checkpointing=full"]}, "exact"),
+    "zero1_dp2_bf16": ({"overrides": ["parallel.dp_shard=2", "parallel.zero_stage=1", "train.dtype=bf16"]}, "bf16"),
+    "reshard_zero1_to_fsdp_to_deepspeed": ({"reshard": [["parallel.dp_shard=2", "parallel.zero_stage=1"],
+                                                        ["parallel.dp_shard=2"], DS + ["parallel.zero_stage=1"]],
+                                            "steps": [2, 1, 1]}, "exact"),
 }
 
 CASES_4 = {
@@ -103,6 +110,11 @@ CASES_4 = {
     "tp4": ({"overrides": ["parallel.tp=4", "parallel.dp_shard=1", "model.n_kv_heads=4"]}, "exact"),
     "tp2_hsdp_replicate2": ({"overrides": ["parallel.tp=2", "parallel.dp_shard=1", "parallel.dp_replicate=2"]},
                             "exact"),
+    "zero1_tp2_dp2": ({"overrides": ["parallel.tp=2", "parallel.dp_shard=2", "parallel.zero_stage=1"]}, "exact"),
+    "zero1_pp2_dp2_1f1b": ({"overrides": ["parallel.pp=2", "parallel.dp_shard=2", "parallel.zero_stage=1"]}, "exact"),
+    "reshard_fsdp_tp2_to_zero1_pp2": ({"reshard": [["parallel.tp=2", "parallel.dp_shard=2"],
+                                                   ["parallel.pp=2", "parallel.dp_shard=2", "parallel.zero_stage=1"]],
+                                       "steps": [2, 2]}, "exact"),
 }
 
 CASES_8 = {
@@ -114,6 +126,10 @@ CASES_8 = {
     "reshard_3d_to_dp8_to_3d": ({"reshard": [THREE_D, ["parallel.dp_shard=8", "train.micro_batch=1"],
                                              THREE_D + ["parallel.pp_schedule=GPipe"]],
                                  "steps": [2, 1, 1]}, "exact"),
+    "3d_zero1_pp2_dp2_tp2": ({"overrides": THREE_D + ["parallel.zero_stage=1"]}, "exact"),
+    "3d_zero1_interleaved_ac_selective": ({"overrides": THREE_D + V2 + [
+        "parallel.zero_stage=1", "parallel.pp_schedule=Interleaved1F1B", "train.activation_checkpointing=selective"]},
+        "exact"),
 }
 
 CASES_COMPILE = {

@@ -57,7 +57,7 @@ def test_infers_the_minus_one_degree():
     (16, ["parallel.dp_shard=16"], "must be a multiple of train.micro_batch=2 x data-parallel size 16"),
     (2, ["parallel.tp=2", "parallel.dp_shard=1", "parallel.engine=deepspeed"], "data parallelism only"),
     (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.engine=deepspeed"], "no replicate dimension"),
-    (2, ["parallel.dp_shard=2", "parallel.zero_stage=1"], "parallel.engine=deepspeed for ZeRO-1"),
+    (4, ["parallel.dp_shard=2", "parallel.dp_replicate=2", "parallel.zero_stage=1"], "set parallel.dp_replicate=1"),
     (2, ["parallel.dp_shard=2", "parallel.engine=deepspeed", "train.compile=true"], "train.compile=false"),
 ])
 def test_invalid_layouts_say_what_to_change(world, overrides, message):

@@ -1,28 +1,25 @@
-"""The native engine (`parallel.engine=native`): FSDP2 + DTensor TP + torch pipelining on one DeviceMesh.
+"""The native engine (`parallel.engine=native`): FSDP2 or ZeRO-1 + DTensor TP + torch pipelining on one
+DeviceMesh.
 
 One code path serves every layout, a single process included: exatrain.parallel.parallelize builds
 this rank's parts; this module runs steps on them. `model_parts` holds this rank's pipeline stages
-(one without virtual stages).
+(one without virtual stages). Data parallelism is FSDP2 (`parallel.zero_stage` 2 or 3) or ZeRO-1
+(`zero_stage=1`: replicated parameters, sharded optimizer states; exatrain.engine.optimizer).
 
 Precision: train.dtype=bf16 uses FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 sharded master
-weights and fp32 gradient reduction) when data parallelism is on, else bf16 autocast; the loss is
-always computed in fp32.
+weights and fp32 gradient reduction) under FSDP, else bf16 autocast; the loss is always computed in
+fp32.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
@@ -30,14 +27,12 @@ from torch.distributed.tensor.parallel import loss_parallel
 from exatrain.config import JobConfig
 from exatrain.data.batch import Batch
 from exatrain.engine.base import StepStats, ce_sum, local, model_inputs
+from exatrain.engine.optimizer import build_optimizers
 from exatrain.model.convert import converters_of
 from exatrain.parallel.dims import V_SCHEDULES, ParallelDims
-from exatrain.parallel.parallelize import parallelize
+from exatrain.parallel.parallelize import parallelize, uses_fsdp
 from exatrain.parallel.pipeline import build_schedule, forward_only
 from exatrain.registry import ENGINES
-from exatrain.train.optim import build_optimizer, set_lr
-
-_OPTIM_SD = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def finalize_grads(parts: list[nn.Module]) -> None:
@@ -53,42 +48,6 @@ def finalize_grads(parts: list[nn.Module]) -> None:
                 p.grad = p.grad.redistribute(p.device_mesh, p.placements)
 
 
-def grad_norm(parts: list[nn.Module], mesh: DeviceMesh, device: torch.device) -> torch.Tensor:
-    """Global L2 norm of all gradients with one all-reduce over the world (after `finalize_grads`).
-
-    Each rank adds the squares of the gradient shards it holds; a tensor that is not sharded over a
-    data/tensor mesh dim is replicated there, so only that dim's rank 0 counts it. Pipeline stages
-    hold disjoint parameters and all count.
-    """
-    coords = {d: mesh.get_local_rank(d) for d in ("dp_replicate", "dp_shard", "tp")}
-    sq = torch.zeros((), dtype=torch.float64, device=device)
-    for part in parts:
-        for p in part.parameters():
-            g = p.grad
-            if g is None:
-                continue
-            sharded: set[str] = set()
-            if isinstance(g, DTensor):
-                sharded = {d for d, pl in zip(g.device_mesh.mesh_dim_names, g.placements) if not pl.is_replicate()}
-                g = g.to_local()
-            if all(c == 0 for d, c in coords.items() if d not in sharded):
-                sq += torch.linalg.vector_norm(g, dtype=torch.float64) ** 2
-    if mesh.size() > 1:
-        dist.all_reduce(sq)
-    return sq.sqrt().float().cpu()
-
-
-@torch.no_grad()
-def clip_grads(parts: list[nn.Module], norm: float, max_norm: float) -> None:
-    """Scale gradients by max_norm / norm when the global norm exceeds it (max_norm 0: no clipping)."""
-    coef = max_norm / (norm + 1e-6) if max_norm > 0 else 1.0
-    if coef < 1.0:
-        for part in parts:
-            for p in part.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
-
-
 class NativeEngine:
     """FSDP2 + DTensor TP + torch pipelining; see the module docstring."""
 
@@ -97,9 +56,10 @@ class NativeEngine:
         self.cfg, self.dims, self.mesh, self.device = cfg, dims, mesh, device
         p = cfg.parallel
         self.loss_parallel = dims.tp_enabled and p.loss_parallel
-        self.autocast_bf16 = cfg.train.dtype == "bf16" and not dims.dp_enabled
+        self.autocast_bf16 = cfg.train.dtype == "bf16" and not uses_fsdp(cfg, dims)
         self.stage_ids, self.model_parts = parallelize(model, cfg, dims, mesh, device)
-        self.optimizers = [build_optimizer(part, cfg) for part in self.model_parts]
+        self.optimizers = build_optimizers(self.model_parts, cfg, mesh,
+                                           zero_one=dims.dp_enabled and p.zero_stage == 1)
         self.post_step_hooks = [c.after_optimizer_step for c in converters_of(cfg) if c.after_optimizer_step]
         self.has_last_stage = dims.n_stages - 1 in self.stage_ids
         self.reports_loss = self.has_last_stage and mesh.get_local_rank("tp") == 0
@@ -157,21 +117,34 @@ class NativeEngine:
             for b in micro_batches:
                 loss = loss + self._run(b, train=True).float().cpu()
         finalize_grads(self.model_parts)
-        norm = grad_norm(self.model_parts, self.mesh, self.device)
-        if not torch.isfinite(norm):
+        for opt in self.optimizers:
+            opt.reduce_grads()
+        norm = self._grad_norm()
+        if not math.isfinite(norm):
             # The norm is global, so every rank skips together and weights and optimizer state stay intact.
             for opt in self.optimizers:
-                opt.zero_grad(set_to_none=True)
-            return StepStats(loss=self._global_sum(loss), grad_norm=norm.item(), skipped=True)
-        clip_grads(self.model_parts, norm.item(), self.cfg.optim.grad_clip)
+                opt.zero_grad()
+            return StepStats(loss=self._global_sum(loss), grad_norm=norm, skipped=True)
+        clip = self.cfg.optim.grad_clip
+        coef = clip / (norm + 1e-6) if clip > 0 else 1.0
         for opt in self.optimizers:
-            set_lr(opt, lr)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            if coef < 1.0:
+                opt.scale_grads(coef)
+            opt.step(lr)
+            opt.zero_grad()
         for hook in self.post_step_hooks:
             for part in self.model_parts:
                 hook(part, self.cfg)
-        return StepStats(loss=self._global_sum(loss), grad_norm=norm.item())
+        return StepStats(loss=self._global_sum(loss), grad_norm=norm)
+
+    def _grad_norm(self) -> float:
+        """Global L2 norm of all gradients (before clipping) with one all-reduce over the world: each rank
+        adds the squares of the gradient pieces it alone counts (exatrain.engine.optimizer)."""
+        sq = sum((opt.grad_sq_sum() for opt in self.optimizers), torch.zeros((), dtype=torch.float64))
+        if self.mesh.size() > 1:
+            sq = sq.to(self.device)
+            dist.all_reduce(sq)
+        return float(sq.sqrt().float())
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[Batch]) -> tuple[float, int]:
@@ -192,14 +165,14 @@ class NativeEngine:
         model, optim = {}, {}
         for part, opt in zip(self.model_parts, self.optimizers):
             model.update(get_model_state_dict(part))
-            optim.update(get_optimizer_state_dict(part, opt, options=_OPTIM_SD))
+            optim.update(opt.state_dict())
         return {"model": model, "optim": optim}
 
     def load_state_dict(self, state: dict[str, dict]) -> None:
         for part, opt in zip(self.model_parts, self.optimizers):
             own = get_model_state_dict(part).keys()
             set_model_state_dict(part, {k: state["model"][k] for k in own})
-            set_optimizer_state_dict(part, opt, state["optim"], options=_OPTIM_SD)
+            opt.load_state_dict(state["optim"])
 
 
 ENGINES.register("native", NativeEngine)

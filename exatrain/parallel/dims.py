@@ -130,10 +130,9 @@ class ParallelDims:
                    f"(got {layout}); set parallel.tp=1 parallel.pp=1 or use parallel.engine=native")
             _check(dp_rep == 1, "parallel.engine=deepspeed has no replicate dimension: put all data-parallel "
                    "ranks in parallel.dp_shard and set parallel.dp_replicate=1")
-        elif dp_shard > 1:
-            _check(p.zero_stage in (2, 3), f"parallel.zero_stage={p.zero_stage} with the native engine: FSDP2 "
-                   "always shards parameters, gradients and optimizer states; use zero_stage=3 (reshard after "
-                   "forward) or 2 (keep parameters gathered until backward), or parallel.engine=deepspeed for ZeRO-1")
+        elif p.zero_stage == 1 and dp > 1:
+            _check(dp_rep == 1, "parallel.zero_stage=1 (ZeRO-1) shards optimizer states over parallel.dp_shard; "
+                   f"set parallel.dp_replicate=1 and parallel.dp_shard={dp} (got dp_replicate={dp_rep})")
         if t.compile and p.engine == "deepspeed":
             raise ConfigError("train.compile=true is not supported with parallel.engine=deepspeed; "
                               "set train.compile=false or use parallel.engine=native")

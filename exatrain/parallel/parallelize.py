@@ -8,7 +8,9 @@
 3. tensor + sequence parallelism: DTensor plans over the `tp` mesh dim (exatrain.parallel.tensor_parallel).
 4. activation checkpointing per block (exatrain.parallel.activation_checkpoint).
 5. torch.compile per block.
-6. FSDP2 over the data-parallel mesh dims (exatrain.parallel.data_parallel).
+6. FSDP2 over the data-parallel mesh dims (exatrain.parallel.data_parallel), unless the job uses
+   ZeRO-1 (`parallel.zero_stage=1`: parameters stay replicated, the optimizer shards its states;
+   exatrain.engine.optimizer).
 7. init: allocate the local shards and fill them ("parallel.init"):
      full     every rank builds the full model on CPU from train.seed with `materialize` and keeps
               its slice of each tensor: bit-identical to the single-process init for any layout
@@ -47,6 +49,10 @@ from exatrain.parallel.tensor_parallel import apply_tensor_parallel
 log = logging.getLogger("exatrain")
 
 
+def uses_fsdp(cfg: JobConfig, dims: ParallelDims) -> bool:
+    return dims.dp_enabled and cfg.parallel.zero_stage != 1
+
+
 def parallelize(model: nn.Module, cfg: JobConfig, dims: ParallelDims, mesh: DeviceMesh,
                 device: torch.device) -> tuple[list[int], list[nn.Module]]:
     """This rank's pipeline stage indices and their parallelised, initialised parts."""
@@ -73,7 +79,7 @@ def parallelize(model: nn.Module, cfg: JobConfig, dims: ParallelDims, mesh: Devi
                 torch._functorch.config.enable_autograd_cache = False
             for block in part.layers.values():
                 block.compile()
-        if dims.dp_enabled:
+        if uses_fsdp(cfg, dims):
             apply_fsdp(part, dp_mesh_of(mesh, dims), zero_stage, torch.bfloat16 if t.dtype == "bf16" else None)
         part.to_empty(device=device)
         part.tie_weights()  # to_empty unties plain (non-DTensor) parameters

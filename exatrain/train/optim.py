@@ -57,13 +57,16 @@ def param_groups(model: nn.Module, cfg: JobConfig) -> list[dict]:
             for kind in rules if params[kind]]
 
 
-def build_optimizer(part: nn.Module, cfg: JobConfig) -> torch.optim.Optimizer:
-    """AdamW over `param_groups(part)`, each group at optim.lr x its lr_scale until the first `set_lr`."""
-    groups = param_groups(part, cfg)
+def adamw(groups: list[dict], cfg: JobConfig) -> torch.optim.Optimizer:
+    """AdamW over parameter groups from `param_groups`, each at optim.lr x its lr_scale until `set_lr`."""
     for g in groups:
         g["lr"] = cfg.optim.lr * g["lr_scale"]
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                              weight_decay=cfg.optim.weight_decay)
+
+
+def build_optimizer(part: nn.Module, cfg: JobConfig) -> torch.optim.Optimizer:
+    return adamw(param_groups(part, cfg), cfg)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

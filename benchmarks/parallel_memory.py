@@ -37,12 +37,14 @@ MODEL = ["model.dim=128", "model.n_layers=8", "model.n_heads=8", "model.n_kv_hea
 # Replicated fp32 AdamW holds 4P (params, grads, two moments). FSDP shards all of it: 1/N. DeepSpeed also keeps
 # an fp32 master copy in its optimizer (3P of optimizer state): ZeRO-2 P+(P+3P)/N, ZeRO-3 5P/N. ZeRO-1 holds full
 # gradients only during backward; by the optimizer step they are reduced into partitions, so it measures as ZeRO-2.
+# exatrain's native ZeRO-1 likewise: replicated parameters, gradient slices and fp32 master slices + moments.
 LAYOUTS: dict[str, tuple[int, list[str], float | None]] = {
     "replicated (1 proc)": (1, ["parallel.dp_shard=1"], 1.0),
     "fsdp dp_shard=2 (ZeRO-3)": (2, ["parallel.dp_shard=2"], 1 / 2),
     "fsdp dp_shard=2 zero_stage=2": (2, ["parallel.dp_shard=2", "parallel.zero_stage=2"], 1 / 2),
     "tp=2": (2, ["parallel.tp=2", "parallel.dp_shard=1"], None),
     "pp=2 (1F1B)": (2, ["parallel.pp=2", "parallel.dp_shard=1"], None),
+    "native ZeRO-1 dp=2": (2, ["parallel.dp_shard=2", "parallel.zero_stage=1"], (1 + 4 / 2) / 4),
     "deepspeed ZeRO-1 dp=2": (2, ["parallel.dp_shard=2", "parallel.engine=deepspeed", "parallel.zero_stage=1"],
                               (1 + 4 / 2) / 4),
     "deepspeed ZeRO-2 dp=2": (2, ["parallel.dp_shard=2", "parallel.engine=deepspeed", "parallel.zero_stage=2"],
@@ -53,8 +55,13 @@ LAYOUTS: dict[str, tuple[int, list[str], float | None]] = {
     "hsdp 2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], 1 / 2),
     "tp=2 x fsdp=2": (4, ["parallel.tp=2", "parallel.dp_shard=2"], None),
     "pp=2 x fsdp=2": (4, ["parallel.pp=2", "parallel.dp_shard=2"], None),
+    "native ZeRO-1 dp=4": (4, ["parallel.dp_shard=4", "parallel.zero_stage=1"], (1 + 4 / 4) / 4),
+    "tp=2 x ZeRO-1 dp=2": (4, ["parallel.tp=2", "parallel.dp_shard=2", "parallel.zero_stage=1"], None),
+    "pp=2 x ZeRO-1 dp=2": (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.zero_stage=1"], None),
     "fsdp dp_shard=8": (8, ["parallel.dp_shard=8"], 1 / 8),
     "3d pp2 x dp2 x tp2": (8, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.tp=2"], None),
+    "3d pp2 x ZeRO-1 dp2 x tp2": (8, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.tp=2", "parallel.zero_stage=1"],
+                                  None),
 }
 
 
@@ -80,7 +87,7 @@ class StateMeter:
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         if hasattr(self.engine, "optimizers"):
-            return self.engine.optimizers
+            return [o.optimizer for o in self.engine.optimizers]
         return [self.engine.ds.optimizer.optimizer]
 
     def _model_params(self) -> list[torch.Tensor]:
@@ -102,9 +109,9 @@ class StateMeter:
         return sum(_bytes(p) for p in {_local(p).data_ptr(): p for p in self._model_params()}.values())
 
     def _masters(self) -> list[torch.Tensor]:
-        """DeepSpeed's fp32 master partitions (separate from the module's parameters); none for the native engine."""
+        """fp32 master partitions separate from the module's parameters: native ZeRO-1's slices, DeepSpeed's."""
         if hasattr(self.engine, "optimizers"):
-            return []
+            return [m for o in self.engine.optimizers for m in getattr(o, "masters", {}).values()]
         zero = self.engine.ds.optimizer
         return list(getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups)
 
@@ -115,6 +122,7 @@ class StateMeter:
             for state in opt.state.values():
                 total += sum(_bytes(v) for v in state.values() if torch.is_tensor(v) and v.numel() > 1)
         return total
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor

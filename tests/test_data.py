@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import pickle
 import random
 from pathlib import Path
@@ -331,6 +332,9 @@ def _distributed_worker(rank: int, init_file: str, data: str, cache: str, out: s
         Path(out, f"{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
+    # The results are on disk; skip interpreter teardown, where a loaded 2-core machine has seen gloo abort
+    # ("terminate called without an active exception") after a clean destroy_process_group.
+    os._exit(0)
 
 
 @pytest.mark.slow

@@ -103,14 +103,15 @@ def test_incompatible_checkpoint_names_the_difference(tmp_path, cache, reference
 
 
 class StopAfter(Callback):
-    """Requests a stop (as a preemption signal would) once `step` steps are done."""
+    """Requests a stop (as a preemption signal would, or a method ending the run) once `step` steps are done."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, status: str = "preempted"):
+        self.step, self.status = step, status
+        self.name = f"stop_after_{status}"
 
     def on_step_end(self, t, stats, record):
         if t.state.step == self.step:
-            t.request_stop("test preemption")
+            t.request_stop("test stop", self.status)
 
 
 def test_stop_request_checkpoints_and_resumes(tmp_path, cache, reference):
@@ -119,6 +120,14 @@ def test_stop_request_checkpoints_and_resumes(tmp_path, cache, reference):
     second = trainer.train(load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path}"]))
     assert second.status == "completed"
     assert losses(tmp_path) == losses(reference)
+
+
+def test_a_method_can_end_the_run_for_good(tmp_path, cache):
+    """status "stopped" (e.g. a diverged run) outranks a preemption on another rank and is never requeued."""
+    cfg = load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path}", "checkpoint.every=0"])
+    result = trainer.train(cfg, callbacks=[StopAfter(3, "preempted"), StopAfter(3, "stopped")])
+    assert result.status == "stopped" and result.step == 3
+    assert list_checkpoints(tmp_path / "checkpoints")[-1].name == "step_00000003"
 
 
 def test_stop_signal_checkpoints_and_resumes(tmp_path, cache, reference):

@@ -44,9 +44,14 @@ from exatrain.train.schedules import build_schedule
 log = logging.getLogger("exatrain")
 
 
+# Why a run stops before train.steps, by precedence: a method's decision to end the run outranks a
+# preemption (which a Slurm job answers by requeueing itself).
+STOP_STATUSES = ("preempted", "stopped")
+
+
 @dataclass
 class TrainResult:
-    status: str  # completed | preempted
+    status: str  # completed | preempted (resume it) | stopped (a method ended it, e.g. divergence)
     step: int
     final_loss: float
     run_dir: Path
@@ -124,7 +129,7 @@ class Trainer:
 
     def __init__(self, cfg: JobConfig, callbacks: Sequence[Callback] = ()):
         self.cfg = cfg
-        self._stop_reason: str | None = None
+        self._stop: tuple[str, str] | None = None  # (status, reason)
         self._previous_handler = self._install_stop_handler(cfg.train.stop_signal)
         kind = device_type(cfg.train.device)
         self.info = init_distributed(kind, cfg.parallel.timeout_s)
@@ -145,8 +150,7 @@ class Trainer:
 
         self.callbacks = build_callbacks(cfg, callbacks)
         model = build_model(cfg.model)
-        for cb in self.callbacks:
-            cb.on_build(model)
+        self._emit("on_build", model)
         self.n_params = count_params(model)
         self.engine = build_engine(model, cfg, self.dims, self.mesh, self.device)
         self.schedule = build_schedule(cfg)
@@ -188,11 +192,11 @@ class Trainer:
         cfg, state = self.cfg, self.state
         loss, last_eval = float("nan"), None
         while state.step < cfg.train.steps:
-            reason = self._stop_agreed()
-            if reason:
-                log.warning("stopping at step %d: %s", state.step, reason)
+            stop = self._stop_agreed()
+            if stop:
+                log.warning("stopping at step %d (%s): %s", state.step, *stop)
                 self.save_checkpoint()
-                return TrainResult("preempted", state.step, loss, self.run_dir)
+                return TrainResult(stop[0], state.step, loss, self.run_dir)
             self._emit("on_step_start", self)
             stats, record = self.train_step()
             loss = stats.loss
@@ -256,14 +260,24 @@ class Trainer:
 
     # -- stopping
 
-    def request_stop(self, reason: str) -> None:
-        """Checkpoint and return at the next step boundary (safe to call from a signal handler)."""
-        self._stop_reason = reason
+    def request_stop(self, reason: str, status: str = "preempted") -> None:
+        """Checkpoint and return at the next step boundary (safe to call from a signal handler). `status`
+        "preempted" means resume later (a Slurm job requeues itself); "stopped" ends the run for good."""
+        if status not in STOP_STATUSES:
+            raise ValueError(f"stop status must be one of {STOP_STATUSES}, got {status!r}")
+        if self._stop is None or STOP_STATUSES.index(status) >= STOP_STATUSES.index(self._stop[0]):
+            self._stop = (status, reason)
 
-    def _stop_agreed(self) -> str | None:
-        """Signals reach ranks at different times; all ranks stop at the same step boundary."""
-        flag = all_reduce(1.0 if self._stop_reason else 0.0, dist.ReduceOp.MAX)
-        return (self._stop_reason or "stop requested on another rank") if flag else None
+    def _stop_agreed(self) -> tuple[str, str] | None:
+        """Signals reach ranks at different times; all ranks stop at the same step boundary, with the
+        highest-precedence status any rank asked for."""
+        mine = STOP_STATUSES.index(self._stop[0]) + 1 if self._stop else 0
+        agreed = int(all_reduce(float(mine), dist.ReduceOp.MAX))
+        if not agreed:
+            return None
+        status = STOP_STATUSES[agreed - 1]
+        reason = self._stop[1] if self._stop and self._stop[0] == status else f"{status} on another rank"
+        return status, reason
 
     def _install_stop_handler(self, name: str) -> tuple[signal.Signals, Any] | None:
         """Slurm's pre-limit signal (or `scancel --signal`) becomes a stop request; `close` restores the

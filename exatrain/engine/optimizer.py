@@ -117,24 +117,31 @@ class ZeroOneOptimizer:
         for i, p in enumerate(self.params):
             self.masters[p].data = local(p).detach().reshape(-1)[self._slice(i)].float().clone()
 
-    def _interleaved(self, flats: list[torch.Tensor]) -> torch.Tensor:
-        """(dp, Σ chunks): row r holds every parameter's r-th chunk, so rank r's slices are contiguous."""
-        cols = [torch.nn.functional.pad(f, (0, c * self.dp - f.numel())).view(self.dp, c)
-                for f, c in zip(flats, self.chunks)]
-        return torch.cat(cols, dim=1).contiguous()
-
     @torch.no_grad()
     def reduce_grads(self) -> None:
-        """One reduce-scatter (sum) of all gradients into this rank's slices."""
-        flats = [torch.zeros(local(p).numel(), device=local(p).device) if p.grad is None
-                 else local(p.grad).reshape(-1).float() for p in self.params]
-        full = self._interleaved(flats)
+        """One reduce-scatter (sum) of all gradients into this rank's slices.
+
+        The send buffer is (dp, Σ chunks): row r holds every parameter's r-th chunk, so rank r's slices
+        arrive contiguous. Each full gradient is freed as soon as it is copied in, so the step holds about
+        one full-size fp32 gradient copy at a time, not the gradients plus padded copies."""
+        ref = local(self.params[0])
+        full = torch.zeros(self.dp, sum(self.chunks), dtype=torch.float32, device=ref.device)
+        col = 0
+        for p, c in zip(self.params, self.chunks):
+            if p.grad is not None:
+                g = local(p.grad).reshape(-1)
+                rows, rest = divmod(g.numel(), c)
+                full[:rows, col:col + c].copy_(g[: rows * c].view(rows, c))
+                if rest:
+                    full[rows, col:col + rest].copy_(g[rows * c:])
+                p.grad = None  # the full replicated gradient is not needed any more
+            col += c
         mine = torch.empty(full.shape[1], dtype=full.dtype, device=full.device)
-        dist.reduce_scatter_tensor(mine, full.reshape(-1), op=dist.ReduceOp.SUM, group=self.group)
+        dist.reduce_scatter_tensor(mine, full.view(-1), op=dist.ReduceOp.SUM, group=self.group)
+        del full
         for i, (p, part) in enumerate(zip(self.params, mine.split(self.chunks))):
             s = self._slice(i)
-            self.masters[p].grad = part[: s.stop - s.start].clone()
-            p.grad = None  # the full replicated gradient is not needed any more
+            self.masters[p].grad = part[: s.stop - s.start]  # views of one buffer, 1/dp of the model
 
     def grad_sq_sum(self) -> torch.Tensor:
         sq = torch.zeros((), dtype=torch.float64)

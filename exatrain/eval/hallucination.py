@@ -1,0 +1,65 @@
+"""EigenScore of a model's answers to prompts (INSIDE's hallucination signal; DESIGN.md §6).
+
+For each prompt: K sampled continuations (exatrain.model.sampling), the middle layer's hidden state
+at each one's last token, and their EigenScore by every requested method (exact, the Chebyshev EES,
+SLQ; exatrain.eval.eigenscore). A high score means the K answers disagree in the model's own
+representation: a sign that the model is guessing.
+
+A prompt's samples depend only on (seed, the prompt's tokens), not on its position in the list or
+on the other prompts, so scores of the same prompt compare across checkpoints and subsets.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from exatrain.eval.eigenscore import METHODS, eigenscore
+from exatrain.model.llama import Transformer
+from exatrain.model.sampling import sample_with_hidden
+
+
+@dataclass
+class PromptEigenScore:
+    prompt: list[int]
+    tokens: Tensor  # (K, T + max_new_tokens)
+    generated: Tensor  # (K,) tokens sampled before eos
+    hidden: Tensor  # (K, D) embeddings the score is computed from
+    scores: dict[str, float]  # method -> EigenScore (natural log)
+
+
+def prompt_seed(seed: int, prompt: Sequence[int]) -> int:
+    """A generator seed from the run seed and the prompt's tokens: CRC32, stable across runs and
+    platforms. 32 bits because torch's CPU generator (mt19937) ignores the high half of a seed."""
+    return zlib.crc32(np.asarray([seed, *prompt], dtype=np.int64).tobytes())
+
+
+@torch.no_grad()
+def eigenscore_for_prompts(model: Transformer, prompts: Sequence[Sequence[int]], *, k: int = 10,
+                           max_new_tokens: int = 16, temperature: float = 0.5, top_k: int = 10,
+                           top_p: float = 0.99, layer: int | None = None, eos_id: int | None = None,
+                           methods: Sequence[str] = METHODS, alpha: float = 1e-3, standardize: bool = False,
+                           moments: int = 20, probes: int = 20, seed: int = 0) -> list[PromptEigenScore]:
+    """EigenScore per prompt (token ids, BOS included as in training). Defaults are INSIDE's."""
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown EigenScore methods {sorted(unknown)}; choose from {METHODS}")
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for prompt in prompts:
+            gen = torch.Generator(device=next(model.parameters()).device).manual_seed(prompt_seed(seed, prompt))
+            s = sample_with_hidden(model, prompt, k, max_new_tokens, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, layer=layer, eos_id=eos_id, generator=gen)
+            scores = {m: eigenscore(s.hidden, alpha, m, standardize=standardize, moments=moments, probes=probes,
+                                    seed=seed) for m in methods}
+            out.append(PromptEigenScore(list(prompt), s.tokens, s.generated, s.hidden, scores))
+    finally:
+        model.train(was_training)
+    return out

@@ -36,13 +36,17 @@ def middle_layer(n_layers: int) -> int:
 
 
 @contextmanager
-def capture(module: nn.Module, inputs: bool = False) -> Iterator[dict[str, Tensor]]:
-    """Record `module`'s output (or first positional input) of each call in the yielded dict under "h"."""
+def capture(module: nn.Module, inputs: bool = False, prepend: bool = False) -> Iterator[dict[str, Tensor]]:
+    """Record `module`'s output (or first positional input) of each call in the yielded dict under "h".
+
+    `prepend`: run before the module's other hooks, e.g. see a block's output before a SeND mask
+    hook (exatrain.train.send) zeroes units of it.
+    """
     box: dict[str, Tensor] = {}
     if inputs:
-        handle = module.register_forward_pre_hook(lambda m, args: box.__setitem__("h", args[0]))
+        handle = module.register_forward_pre_hook(lambda m, args: box.__setitem__("h", args[0]), prepend=prepend)
     else:
-        handle = module.register_forward_hook(lambda m, args, out: box.__setitem__("h", out))
+        handle = module.register_forward_hook(lambda m, args, out: box.__setitem__("h", out), prepend=prepend)
     try:
         yield box
     finally:

@@ -1,4 +1,5 @@
-"""EigenScore of a model's answers to prompts (INSIDE's hallucination signal; DESIGN.md §6).
+"""Hallucination measures: EigenScore of a model's answers (INSIDE; DESIGN.md §6) and the accuracy
+of its answers to the synthetic fact questions (exatrain.data.facts), per frequency bucket.
 
 For each prompt: K sampled continuations (exatrain.model.sampling), the middle layer's hidden state
 at each one's last token, and their EigenScore by every requested method (exact, the Chebyshev EES,
@@ -19,7 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from exatrain.data.facts import Question
+from exatrain.data.tokenizer import Tokenizer
 from exatrain.eval.eigenscore import METHODS, eigenscore
+from exatrain.model.generate import generate
 from exatrain.model.llama import Transformer
 from exatrain.model.sampling import sample_with_hidden
 
@@ -62,4 +66,44 @@ def eigenscore_for_prompts(model: Transformer, prompts: Sequence[Sequence[int]],
             out.append(PromptEigenScore(list(prompt), s.tokens, s.generated, s.hidden, scores))
     finally:
         model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def answer_accuracy(model: Transformer, tokenizer: Tokenizer, questions: Sequence[Question],
+                    batch_size: int = 64) -> list[bool]:
+    """Greedy-decode each question (`<bos>` + prompt) and compare token for token with " " + answer.
+
+    Questions are batched by prompt length (the KV cache has no padding mask), so batching does
+    not change any answer.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = [([tokenizer.bos_id, *tokenizer.encode(q.prompt)], tokenizer.encode(" " + q.answer)) for q in questions]
+    correct = [False] * len(questions)
+    by_length: dict[int, list[int]] = {}
+    for i, (prompt, _) in enumerate(encoded):
+        by_length.setdefault(len(prompt), []).append(i)
+    try:
+        for group in by_length.values():
+            for start in range(0, len(group), batch_size):
+                rows = group[start:start + batch_size]
+                prompts = torch.tensor([encoded[i][0] for i in rows], device=device)
+                n_new = max(len(encoded[i][1]) for i in rows)
+                out = generate(model, prompts, n_new)[:, prompts.shape[1]:].tolist()
+                for i, gen in zip(rows, out):
+                    answer = encoded[i][1]
+                    correct[i] = gen[:len(answer)] == answer
+    finally:
+        model.train(was_training)
+    return correct
+
+
+def accuracy_by_bucket(questions: Sequence[Question], correct: Sequence[bool]) -> dict[str, dict[str, float]]:
+    """{bucket: {"n": count, "accuracy": fraction}} plus "all"."""
+    out: dict[str, dict[str, float]] = {}
+    for name in sorted({q.bucket for q in questions}) + ["all"]:
+        hits = [c for q, c in zip(questions, correct) if name in ("all", q.bucket)]
+        out[name] = {"n": len(hits), "accuracy": sum(hits) / len(hits)}
     return out

@@ -150,3 +150,13 @@ def test_estimators_are_seeded():
         eigenscore(torch.randn(4, 8), method="svd")
     with pytest.raises(ValueError):
         probe_vectors(4, 2, "uniform", 0)
+
+
+def test_probes_at_least_k_give_the_exact_trace():
+    """INSIDE's K = 10 with 20 probes: the K scaled unit vectors replace random probes, so SLQ with
+    K steps is exact and Chebyshev keeps only its truncation error."""
+    K, lam = 10, [5.0 / (i + 1) for i in range(6)]
+    x = with_spectrum(K, 64, lam)
+    assert torch.equal(probe_vectors(K, 20, "gaussian", 0), probe_vectors(K, 10, "rademacher", 7))
+    assert slq_eigenscore(x, ALPHA, probes=20) == pytest.approx(true_score(K, lam), abs=1e-10)
+    assert chebyshev_eigenscore(x, ALPHA, moments=800, probes=10) == pytest.approx(true_score(K, lam), abs=1e-6)

@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from exatrain.eval.eigenscore import (chebyshev_eigenscore, chebyshev_log_coefficients, eigenscore,
-                                      exact_eigenscore, largest_eigenvalue, prepare, probe_vectors,
-                                      slq_eigenscore)
+from exatrain.eval.eigenscore import (
+    chebyshev_eigenscore,
+    chebyshev_log_coefficients,
+    eigenscore,
+    exact_eigenscore,
+    largest_eigenvalue,
+    prepare,
+    probe_vectors,
+    slq_eigenscore,
+)
 
 ALPHA = 1e-3
 SPECTRA = {  # eigenvalues of C = X Xᵀ; the remaining K - len are 0

@@ -14,8 +14,16 @@ import torch
 from exatrain.config import ModelConfig
 from exatrain.model.llama import build_model, materialize
 from exatrain.model.sampling import capture
-from exatrain.train.send import (SensitiveUnitMask, SnapshotWindow, attach_mask, default_layer, select_units,
-                                 sensitivity, tracking_states, zero_mlp_units)
+from exatrain.train.send import (
+    SensitiveUnitMask,
+    SnapshotWindow,
+    attach_mask,
+    default_layer,
+    select_units,
+    sensitivity,
+    tracking_states,
+    zero_mlp_units,
+)
 
 # h[t][p][i]: 3 snapshots, 2 prompts, 3 units
 HAND = torch.tensor([

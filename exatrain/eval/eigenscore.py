@@ -14,7 +14,8 @@ Everything works on X (K, d) with C = X Xᵀ (`prepare`):
   the authors' code fixed (see the function).
 - `slq_eigenscore`: stochastic Lanczos quadrature with the same number of products per probe.
 The two estimators touch X only through block products X (Xᵀ V): O(K·d) per probe and step, and never
-form a K×K or d×d matrix. They are seeded (`seed`) and deterministic. At the paper's budget (20
+form a K×K or d×d matrix. They are seeded (`seed`) and deterministic; with at least K probes they
+probe with the K unit vectors, an exact trace (`probe_vectors`). At the paper's budget (20
 products × 20 probes) on LLM-like spectra (λmax/α ≥ 1e4) Chebyshev is biased by most of a nat
 while SLQ errs by a few hundredths (tests/test_eigenscore.py, benchmarks/eigenscore.py).
 """

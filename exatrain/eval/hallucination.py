@@ -1,7 +1,7 @@
 """Hallucination measures: EigenScore of a model's answers (INSIDE; DESIGN.md §6) and the accuracy
 of its answers to the synthetic fact questions (exatrain.data.facts), per frequency bucket.
 
-For each prompt: K sampled continuations (exatrain.model.sampling), the middle layer's hidden state
+EigenScore, per prompt: K sampled continuations (exatrain.model.sampling), the middle layer's hidden state
 at each one's last token, and their EigenScore by every requested method (exact, the Chebyshev EES,
 SLQ; exatrain.eval.eigenscore). A high score means the K answers disagree in the model's own
 representation: a sign that the model is guessing.

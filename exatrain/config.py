@@ -206,6 +206,57 @@ class MetricsConfig:
 
 
 @dataclass
+class SendConfig:
+    """SeND, sensitive neuron dropout (DESIGN.md §6; exatrain.train.send, exatrain.train.send_tracking).
+    Every interval/window steps the `prompts` (JSONL with "prompt" or "text", or one prompt per line)
+    are run through the model and block `layer`'s units at each prompt's last token are recorded; every
+    `interval` steps the last `window` records rank the units, and the top `fraction` are dropped for the
+    next interval. site: residual (the block's output) | mlp (its SwiGLU hidden units). layer: block
+    index, negative from the end (-2 = penultimate, as the paper). variant: mask (a {0,1} buffer, exact
+    for the interval) | zero_weights (the authors': zero the units' MLP weights every interval/window
+    steps, `zero_repeats` times, and let the optimizer regrow them; site mlp only). reset_at_end: lift
+    the mask after the last step, so the final model uses every unit."""
+
+    enabled: bool = False
+    interval: int = 60
+    window: int = 3
+    fraction: float = 0.2
+    site: str = "residual"
+    layer: int = -2
+    prompts: str = ""
+    max_prompts: int = 64
+    variant: str = "mask"
+    zero_repeats: int = 3
+    reset_at_end: bool = True
+
+
+@dataclass
+class EigenScoreConfig:
+    """EigenScore / EES of sampled answers (DESIGN.md §6; exatrain.eval.eigenscore, exatrain.eval.eigenscore_run).
+    k samples per prompt (temperature, top_p, top_k, max_new_tokens), block `layer`'s state at each
+    one's last token (null = the middle block, INSIDE's; negative from the end); methods: exact,
+    chebyshev (the paper's EES), slq; alpha, moments (Chebyshev degree = Lanczos steps), probes.
+    prompts: as send.prompts (empty: send.prompts, else the held-out documents' first tokens).
+    every > 0: during training, rank 0 scores every checkpoint whose step is a multiple of it (and the
+    final one) and logs es_<method> in the eval records; `exatrain eval RUN --eigenscore` scores a run."""
+
+    every: int = 0
+    k: int = 10
+    temperature: float = 0.5
+    top_p: float = 0.99
+    top_k: int = 10
+    max_new_tokens: int = 16
+    layer: int | None = None
+    methods: list[str] = field(default_factory=lambda: ["exact", "chebyshev", "slq"])
+    alpha: float = 1e-3
+    moments: int = 20
+    probes: int = 20
+    prompts: str = ""
+    max_prompts: int = 32
+    seed: int = 0
+
+
+@dataclass
 class LaunchConfig:
     """Slurm submission (exatrain.launch). cluster names a profile in configs/clusters/ (or a YAML path);
     0 / "" take the profile's value. sbatch_extra and srun_extra are long options ("--mem=0")."""
@@ -241,6 +292,8 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    send: SendConfig = field(default_factory=SendConfig)
+    eigenscore: EigenScoreConfig = field(default_factory=EigenScoreConfig)
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped inside the package

@@ -12,7 +12,14 @@ import torch
 
 from exatrain.config import ModelConfig
 from exatrain.data.documents import load_documents
-from exatrain.data.facts import FactConfig, build_world, load_questions, statement, write_corpus
+from exatrain.data.facts import (
+    FactConfig,
+    build_world,
+    load_questions,
+    statement,
+    write_corpus,
+)
+from exatrain.data.prompts import read_prompts
 from exatrain.data.tokenizer import byte_tokenizer
 from exatrain.eval.hallucination import accuracy_by_bucket, answer_accuracy
 from exatrain.model.generate import generate
@@ -62,6 +69,7 @@ def test_written_corpus_loads_with_exatrain_reader(tmp_path):
     assert docs[0].meta["url"].endswith(docs[0].text.split(" of ", 1)[1].split(" is ", 1)[0])
     assert load_questions(paths["questions"]) == build_world(SMALL).questions()
     assert len(load_questions(paths["questions"], split="tracking")) == 6
+    assert read_prompts(paths["tracking"]) == [q.prompt for q in load_questions(paths["questions"], split="tracking")]
     summary = json.loads(paths["world"].read_text())
     assert summary["documents"] == 600 and sum(summary["questions"].values()) == 195
 

@@ -11,8 +11,8 @@ uniformly from a per-relation pool, so nothing about an entity's name predicts t
 1 / values_per_relation). `unseen` extra entities never appear in the corpus: every answer about
 them is a guess. A few questions are set aside as SeND's tracking prompts (split "tracking").
 
-    python -m exatrain.data.facts runs/facts            # facts.jsonl, questions.jsonl, world.json
-    exatrain train ... data.paths=[runs/facts/facts.jsonl]
+    python -m exatrain.data.facts runs/facts            # facts.jsonl, questions.jsonl, tracking.jsonl, world.json
+    exatrain train ... data.paths=[runs/facts/facts.jsonl] send.enabled=true send.prompts=runs/facts/tracking.jsonl
 
 Question prompts are the statements cut before the value, so after `<bos>` they are exactly the
 prefix the model saw in training; the answer is " " + value (a leading space, as in the text).
@@ -127,12 +127,13 @@ def build_world(config: FactConfig = FactConfig()) -> FactWorld:
 
 
 def write_corpus(out_dir: str | Path, config: FactConfig = FactConfig()) -> dict[str, Path]:
-    """facts.jsonl (training documents with a url per entity), questions.jsonl, world.json (config,
-    bucket counts). Returns the paths."""
+    """facts.jsonl (training documents with a url per entity), questions.jsonl, tracking.jsonl (the
+    tracking split alone: SeND's `send.prompts`), world.json (config, bucket counts). Returns the paths."""
     world = build_world(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"facts": out / "facts.jsonl", "questions": out / "questions.jsonl", "world": out / "world.json"}
+    paths = {"facts": out / "facts.jsonl", "questions": out / "questions.jsonl", "tracking": out / "tracking.jsonl",
+             "world": out / "world.json"}
     with paths["facts"].open("w", encoding="utf-8") as f:
         for text in world.documents:
             entity = text.split(" of ", 1)[1].split(" is ", 1)[0]
@@ -141,6 +142,10 @@ def write_corpus(out_dir: str | Path, config: FactConfig = FactConfig()) -> dict
     with paths["questions"].open("w", encoding="utf-8") as f:
         for q in questions:
             f.write(json.dumps(asdict(q)) + "\n")
+    with paths["tracking"].open("w", encoding="utf-8") as f:  # SeND's tracking prompts (send.prompts)
+        for q in questions:
+            if q.split == "tracking":
+                f.write(json.dumps(asdict(q)) + "\n")
     buckets = Counter((q.split, q.bucket) for q in questions)
     summary = {"config": asdict(config), "documents": len(world.documents),
                "chars": sum(len(t) for t in world.documents),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
+from pathlib import Path
 
 from exatrain.config import DEFAULT_CONFIG, ConfigError, load_config, split_config_args, to_yaml
 from exatrain.launch.cli import add_launch_arguments
@@ -44,12 +46,24 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from exatrain.eval.perplexity import evaluate_perplexity, format_table
     from exatrain.train.checkpoint import CheckpointError
 
     try:
-        result = evaluate_perplexity(args.run_dir, args.metadata or ["none", "real"], args.max_docs, device=args.device)
-    except (CheckpointError, ValueError) as exc:
+        if args.eigenscore:
+            from exatrain.eval.eigenscore_run import evaluate_eigenscore, format_table
+
+            overrides = {k: v for k, v in (("k", args.k), ("methods", args.method), ("temperature", args.temperature),
+                                            ("max_new_tokens", args.max_new_tokens), ("seed", args.seed))
+                         if v is not None}
+            result = evaluate_eigenscore(args.run_dir, args.prompts or "", args.max_prompts, overrides, args.device)
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=1))
+        else:
+            from exatrain.eval.perplexity import evaluate_perplexity, format_table
+
+            result = evaluate_perplexity(args.run_dir, args.metadata or ["none", "real"], args.max_docs,
+                                         device=args.device)
+    except (CheckpointError, ValueError, OSError) as exc:
         print(f"exatrain: {exc}", file=sys.stderr)
         return 2
     print(format_table(result))
@@ -69,13 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     add_launch_arguments(p)
     p.set_defaults(func=cmd_launch)
-    p = sub.add_parser("eval", help="held-out text perplexity of a trained run, with or without MeCo metadata")
+    p = sub.add_parser("eval", help="held-out text perplexity of a trained run (with or without MeCo metadata), or its EigenScore")
     p.add_argument("run_dir", help="run directory (latest checkpoint) or a checkpoints/step_* directory")
     p.add_argument("--metadata", action="append", metavar="none|real|VALUE",
                    help="condition, repeatable: none, real (the document's own domain) or a made-up value "
                         "such as wikipedia.org (default: none and real)")
     p.add_argument("--max-docs", type=int, default=None, help="evaluate only the first N held-out documents")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    es = p.add_argument_group("EigenScore (--eigenscore; defaults from the run's eigenscore: section)")
+    es.add_argument("--eigenscore", action="store_true",
+                    help="EigenScore of K sampled answers per prompt (exact, Chebyshev EES, SLQ) instead of perplexity")
+    es.add_argument("--prompts", metavar="FILE", help="prompt file: JSONL ('prompt' or 'text') or one per line "
+                    "(default eigenscore.prompts, else send.prompts, else held-out document beginnings)")
+    es.add_argument("--max-prompts", type=int, default=None, help="score only the first N prompts")
+    es.add_argument("--k", type=int, default=None, help="samples per prompt")
+    es.add_argument("--method", action="append", choices=["exact", "chebyshev", "slq"],
+                    help="estimator, repeatable (default eigenscore.methods)")
+    es.add_argument("--temperature", type=float, default=None)
+    es.add_argument("--max-new-tokens", type=int, default=None)
+    es.add_argument("--seed", type=int, default=None)
+    es.add_argument("--json", metavar="FILE", help="also write the full result (per-prompt scores) as JSON")
     p.set_defaults(func=cmd_eval)
     return parser
 

@@ -29,6 +29,9 @@ BUILTIN_PLUGINS = (
     "exatrain.model.s2",
     "exatrain.train.schedules",
     "exatrain.train.meco",
+    "exatrain.train.send",
+    "exatrain.train.send_tracking",
+    "exatrain.eval.eigenscore_run",
     "exatrain.engine.native",
     "exatrain.engine.deepspeed",
 )

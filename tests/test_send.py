@@ -11,19 +11,25 @@ import numpy as np
 import pytest
 import torch
 
-from exatrain.config import ModelConfig
+from exatrain.config import ConfigError, ModelConfig, load_config
+from exatrain.data.prompts import encode_prompts, read_prompts
+from exatrain.data.tokenizer import byte_tokenizer
+from exatrain.model.convert import convert_model
 from exatrain.model.llama import build_model, materialize
 from exatrain.model.sampling import capture
 from exatrain.train.send import (
+    MaskedFeedForward,
     SensitiveUnitMask,
     SnapshotWindow,
     attach_mask,
     default_layer,
     select_units,
     sensitivity,
+    tp_shard,
     tracking_states,
     zero_mlp_units,
 )
+from exatrain.train.send_tracking import tracking_batches
 
 # h[t][p][i]: 3 snapshots, 2 prompts, 3 units
 HAND = torch.tensor([
@@ -106,6 +112,14 @@ def test_mask_module():
     assert m(x.bfloat16()).dtype == torch.bfloat16
     m.reset()
     assert m.dropped.numel() == 0 and "mask" in m.state_dict()
+    # a tensor-parallel shard: x holds chunk 1 of 2 of the 6 units
+    m.drop([1, 4])
+    half = torch.randn(2, 3)
+    assert torch.equal(m(half, (1, 2)), half * torch.tensor([1.0, 0.0, 1.0]))
+    assert tp_shard(torch.zeros(4, 2)) == (0, 1)
+    m.recording = []
+    m(x)
+    assert len(m.recording) == 1 and torch.equal(m.recording[0], x)  # before the mask
 
 
 def test_residual_mask_zeroes_exactly_the_selected_units():
@@ -145,6 +159,7 @@ def test_mlp_mask_matches_manual_ffn_and_the_authors_weight_zeroing():
     units = torch.tensor([0, 5, 63, 70])
     mask = attach_mask(model, site="mlp")
     assert mask.mask.numel() == model.layers["1"].feed_forward.w1.out_features == 128
+    assert "layers.1.feed_forward.send_mask.mask" in model.state_dict()
     mask.drop(units)
     ffn = model.layers["1"].feed_forward
     x = torch.randn(3, 32, generator=torch.Generator().manual_seed(2))
@@ -179,15 +194,103 @@ def test_tracking_states_match_unpadded_forwards_and_ignore_the_mask(site):
 
 
 def test_snapshot_window():
-    w = SnapshotWindow(3)
+    w = SnapshotWindow(3, 2, 3)
     for t in range(4):
         w.add(HAND[t % 3] if t < 3 else HAND[2] * 2)
-        assert w.ready == (t >= 2)
+        assert w.ready == (t >= 2) and w.count == t + 1
     torch.testing.assert_close(w.scores(), sensitivity(torch.stack([HAND[1], HAND[2], HAND[2] * 2])))
-    other = SnapshotWindow(3)
-    other.load_state_dict(w.state_dict())
+    other = SnapshotWindow(3, 2, 3)
+    state = other.state_dict()
+    state["snapshots"].copy_(w.state_dict()["snapshots"])  # DCP loads tensors in place
+    other.load_state_dict({**state, "count": w.count})
     torch.testing.assert_close(other.scores(), w.scores())
     with pytest.raises(ValueError):
         w.add(torch.zeros(5))
     with pytest.raises(RuntimeError):
-        SnapshotWindow(3).scores()
+        SnapshotWindow(3, 2, 3).scores()
+    with pytest.raises(ValueError, match="send.window"):
+        SnapshotWindow(4, 2, 3).load_state_dict(w.state_dict())
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "track.jsonl"
+    path.write_text('{"prompt": "The capital of Zorvan is", "answer": "Melk"}\n\n{"text": "import os"}\n')
+    return path
+
+
+def test_prompt_files(tmp_path, prompt_file):
+    assert read_prompts(prompt_file) == ["The capital of Zorvan is", "import os"]
+    assert read_prompts(prompt_file, limit=1) == ["The capital of Zorvan is"]
+    plain = tmp_path / "p.txt"
+    plain.write_text("one\n\n two \n")
+    assert read_prompts(plain) == ["one", " two "]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"answer": "x"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        read_prompts(bad)
+    tok = byte_tokenizer()
+    ids = encode_prompts(tok, ["ab", "abcdef"], max_len=4)
+    assert ids == [[tok.bos_id, *tok.encode("ab")], [tok.bos_id, *tok.encode("abc")]]
+    batches = tracking_batches(ids, rows=2, seq_len=6, pad_id=tok.pad_id, doc_ids=True)
+    assert len(batches) == 1 and batches[0].tokens.shape == (2, 6) and batches[0].n_labels == 0
+    assert batches[0].tokens[0, 3:].tolist() == [tok.pad_id] * 3 and (batches[0].doc_ids == 0).all()
+    assert len(tracking_batches(ids * 2 + ids[:1], rows=2, seq_len=6, pad_id=0, doc_ids=False)) == 3
+
+
+@pytest.mark.parametrize("site", ["residual", "mlp"])
+def test_converter_adds_the_mask_on_the_meta_model(site, prompt_file):
+    cfg = load_config("tiny.yaml", ["model.n_layers=3", "model.vocab_size=64", "model.dim=32", "send.enabled=true",
+                                    f"send.prompts={prompt_file}", f"send.site={site}", "send.layer=-1"])
+    assert cfg.model.converters == ["send_mask"] and cfg.train.callbacks[0] == "send"
+    model = build_model(cfg.model)
+    convert_model(model, cfg)
+    mask = model.layers["2"].send_mask if site == "residual" else model.layers["2"].feed_forward.send_mask
+    assert mask.mask.is_meta
+    model = materialize(model, "cpu", seed=0)  # init_state fills the ones after the weights
+    assert bool((mask.mask == 1).all()) and mask.mask.numel() == (32 if site == "residual" else cfg.model.ffn_hidden)
+    key = "layers.2.send_mask.mask" if site == "residual" else "layers.2.feed_forward.send_mask.mask"
+    assert key in model.state_dict()
+    assert isinstance(model.layers["2"].feed_forward, MaskedFeedForward) == (site == "mlp")
+    plain = materialize(build_model(cfg.model), "cpu", seed=0)  # the mask of ones changes nothing
+    tokens = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(tokens), plain(tokens))
+
+
+BAD = [
+    (["send.fraction=0"], "send.fraction"),
+    (["send.fraction=1.5"], "send.fraction"),
+    (["send.interval=2"], "send.interval"),  # fewer steps than snapshots per interval
+    (["send.interval=10"], "send.interval"),  # not a multiple of the window
+    (["send.window=1", "send.interval=4"], "send.window"),
+    (["send.layer=4"], "send.layer"),
+    (["send.layer=-5"], "send.layer"),
+    (["send.site=attention"], "send.site"),
+    (["send.variant=dropout"], "send.variant"),
+    (["send.variant=zero_weights"], "send.variant"),  # needs the mlp site
+    (["send.site=mlp", "send.variant=zero_weights", "parallel.engine=deepspeed"], "send.variant"),
+    (["send.prompts=''"], "send.prompts"),
+    (["send.prompts=/no/such/file.jsonl"], "send.prompts"),
+    (["EMPTY"], "send.prompts"),
+    (["eigenscore.k=1"], "eigenscore.k"),
+    (["eigenscore.methods=[exact,lanczos]"], "eigenscore.methods"),
+    (["eigenscore.methods=[]"], "eigenscore.methods"),
+    (["eigenscore.layer=9"], "eigenscore.layer"),
+    (["eigenscore.top_p=0"], "eigenscore.top_p"),
+    (["eigenscore.max_new_tokens=300"], "eigenscore.max_new_tokens"),
+    (["eigenscore.every=30"], "eigenscore.every"),  # not a checkpoint step
+    (["eigenscore.prompts=/no/such/file"], "eigenscore.prompts"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD, ids=[k + ":" + ",".join(o) for o, k in BAD])
+def test_bad_settings_are_rejected_naming_the_key(tmp_path, prompt_file, overrides, key):
+    if overrides == ["EMPTY"]:
+        empty = tmp_path / "empty.txt"
+        empty.write_text("\n\n")
+        overrides = [f"send.prompts={empty}"]
+    base = ["send.enabled=true", f"send.prompts={prompt_file}", "send.interval=6", "checkpoint.every=20"]
+    with pytest.raises(ConfigError, match=f"^{key}: "):
+        load_config("tiny.yaml", [*base, *overrides])
+    ok = load_config("tiny.yaml", [*base, "eigenscore.every=40"])
+    assert ok.train.callbacks == ["send", "eigenscore"]

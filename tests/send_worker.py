@@ -2,8 +2,9 @@
 
     torchrun --nproc-per-node N tests/send_worker.py SPEC.json OUT.json
 
-SPEC: {"base": [overrides shared by every case], "cases": [{"name", "overrides"}]}. Each case trains
-a job in `<EXATRAIN_TEST_RUNS>/<name>` (losses land in its metrics.jsonl). A probe callback records, per
+SPEC: {"base": [overrides shared by every case], "cases": [{"name", "overrides", "stop_after"?}]}. Each
+case trains a job in `<EXATRAIN_TEST_RUNS>/<name>` (losses land in its metrics.jsonl); with "stop_after"
+the job is first stopped (checkpointed) after that step, as a preemption would, then resumed. A probe callback records, per
 SeND update, the units the `send` callback selected, and at the end checks on every rank that its
 state (snapshot window, selection) is the same everywhere and that each rank holding the mask zeroes
 exactly the last selection. Rank 0 writes {name: {"selections", "consistent", "mask_ok", "seconds"}}
@@ -26,6 +27,15 @@ from exatrain.config import load_config
 from exatrain.train.callback import Callback
 from exatrain.train.send import find_masks
 from exatrain.train.trainer import train
+
+
+class StopAfter(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, stats, record):
+        if trainer.state.step == self.step:
+            trainer.request_stop("test preemption")
 
 
 class Probe(Callback):
@@ -69,6 +79,8 @@ def main() -> None:
         probe = Probe()
         try:
             cfg = load_config("tiny.yaml", [*spec["base"], *case["overrides"], f"run_dir={root / case['name']}"])
+            if case.get("stop_after"):
+                assert train(cfg, callbacks=[StopAfter(case["stop_after"])]).status == "preempted"
             train(cfg, callbacks=[probe])
             holds: list = [None] * dist.get_world_size()
             dist.all_gather_object(holds, probe.result["holds_mask"])

@@ -7,7 +7,7 @@
   per world size);
 - the callback's snapshots are the units `tracking_states` reads from the model, before the mask;
 - kill/resume (SIGKILL) and stop/resume with SeND on are bitwise identical to an uninterrupted run,
-  for the mask and for the authors' weight-zeroing variant; EigenScore logging at checkpoints does not
+  for the mask and for the authors' weight-zeroing variant, in one process and under pp2; EigenScore logging at checkpoints does not
   perturb training; `exatrain eval --eigenscore` reports every method.
 """
 
@@ -54,7 +54,7 @@ BASE = [
 ]
 METHODS = {"residual": [], "mlp": ["send.site=mlp"], "mlp_zero": ["send.site=mlp", "send.variant=zero_weights"]}
 PP, V2 = ["parallel.pp=2"], ["parallel.pp=2", "parallel.pp_virtual_stages=2"]
-# name -> (method, layout overrides, ranks that hold the tracked block)
+# name -> (method, layout overrides, ranks that hold the tracked block[, stopped after this step and resumed])
 CASES_2 = {
     "dp2": ("residual", [], 2),
     "tp2_sp": ("residual", ["parallel.tp=2"], 2),
@@ -64,6 +64,7 @@ CASES_2 = {
     "pp2_zbv": ("residual", V2 + ["parallel.pp_schedule=ZBVZeroBubble"], 1),
     "dp2_zero_weights_ac_full": ("mlp_zero", ["train.activation_checkpointing=full"], 2),
     "tp2_zero_weights": ("mlp_zero", ["parallel.tp=2", "parallel.sequence_parallel=false"], 2),
+    "pp2_zero_weights_stop_resume": ("mlp_zero", PP, 1, 4),
 }
 CASES_8 = {
     "3d_pp2_dp2_tp2": ("residual", ["parallel.pp=2", "parallel.tp=2"], 4),
@@ -118,8 +119,9 @@ def launch(nproc: int, cases: dict, work: Path, timeout: int) -> dict:
     tmp = work / f"launch{nproc}"
     tmp.mkdir()
     spec, out = tmp / "spec.json", tmp / "out.json"
-    spec.write_text(json.dumps({"base": base(work), "cases": [{"name": name, "overrides": METHODS[m] + layout}
-                                                              for name, (m, layout, _) in cases.items()]}))
+    spec.write_text(json.dumps({"base": base(work), "cases": [
+        {"name": name, "overrides": METHODS[case[0]] + case[1], "stop_after": case[3] if len(case) > 3 else 0}
+        for name, case in cases.items()]}))
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "EXATRAIN_TEST_RUNS": str(tmp), "PYTHONWARNINGS": "ignore",
                "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -148,13 +150,14 @@ def results_8(work):
 
 
 def check_layout(results: dict, cases: dict, references: dict, name: str) -> None:
-    method, _, holders = cases[name]
+    method, _, holders, *stop = cases[name]
     got, ref = results[name], references[method]
     assert "error" not in got, got.get("error")
     assert got["consistent"], f"{name}: ranks disagree on the SeND state"
     assert got["mask_ok"], f"{name}: a rank's mask does not zero exactly the selected units"
     assert got["holders"] == holders, f"{name}: {got['holders']} ranks hold the tracked block, expected {holders}"
-    assert got["selections"] == ref["selections"] and len(ref["selections"]) == 3
+    resumed = {step: units for step, units in ref["selections"].items() if int(step) > (stop[0] if stop else 0)}
+    assert got["selections"] == resumed and len(ref["selections"]) == 3
     losses = train_losses(got["run_dir"])
     assert losses.keys() == ref["loss"].keys()
     for step, loss in losses.items():

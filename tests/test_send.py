@@ -269,6 +269,7 @@ BAD = [
     (["send.variant=dropout"], "send.variant"),
     (["send.variant=zero_weights"], "send.variant"),  # needs the mlp site
     (["send.site=mlp", "send.variant=zero_weights", "parallel.engine=deepspeed"], "send.variant"),
+    (["send.site=mlp", "send.variant=zero_weights", "parallel.zero_stage=1"], "send.variant"),
     (["send.prompts=''"], "send.prompts"),
     (["send.prompts=/no/such/file.jsonl"], "send.prompts"),
     (["EMPTY"], "send.prompts"),

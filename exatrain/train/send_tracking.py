@@ -247,9 +247,9 @@ def validate_send(cfg: JobConfig) -> None:
     require(s.enabled or "send" not in cfg.train.callbacks, "train.callbacks", "the send callback needs send.enabled=true")
     if not s.enabled:
         return
-    require(s.variant != "zero_weights" or cfg.parallel.engine == "native", "send.variant",
-            "zero_weights needs parallel.engine=native (DeepSpeed keeps its own copy of the weights and would "
-            "overwrite the zeros)")
+    require(s.variant != "zero_weights" or (cfg.parallel.engine == "native" and cfg.parallel.zero_stage != 1),
+            "send.variant", "zero_weights needs parallel.engine=native with zero_stage 2 or 3: it zeroes the model's "
+            "weights, and ZeRO-1 (DeepSpeed or native) keeps its own fp32 master copy that would overwrite the zeros")
     require(bool(s.prompts), "send.prompts", "SeND needs a tracking prompt file (JSONL with a 'prompt' or 'text' "
             "field, or one prompt per line), held out from the training data")
     try:

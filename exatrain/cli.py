@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     add_launch_arguments(p)
     p.set_defaults(func=cmd_launch)
-    p = sub.add_parser("eval", help="held-out text perplexity of a trained run (with or without MeCo metadata), or its EigenScore")
+    p = sub.add_parser("eval", help="held-out text perplexity of a trained run (with or without MeCo metadata), "
+                                    "or its EigenScore")
     p.add_argument("run_dir", help="run directory (latest checkpoint) or a checkpoints/step_* directory")
     p.add_argument("--metadata", action="append", metavar="none|real|VALUE",
                    help="condition, repeatable: none, real (the document's own domain) or a made-up value "

@@ -278,7 +278,8 @@ BAD = [
     (["eigenscore.methods=[]"], "eigenscore.methods"),
     (["eigenscore.layer=9"], "eigenscore.layer"),
     (["eigenscore.top_p=0"], "eigenscore.top_p"),
-    (["eigenscore.max_new_tokens=300"], "eigenscore.max_new_tokens"),
+    (["eigenscore.max_new_tokens=300", "eigenscore.every=40"], "eigenscore.max_new_tokens"),
+    (["eigenscore.max_new_tokens=0"], "eigenscore.max_new_tokens"),
     (["eigenscore.every=30"], "eigenscore.every"),  # not a checkpoint step
     (["eigenscore.prompts=/no/such/file"], "eigenscore.prompts"),
 ]
@@ -295,3 +296,8 @@ def test_bad_settings_are_rejected_naming_the_key(tmp_path, prompt_file, overrid
         load_config("tiny.yaml", [*base, *overrides])
     ok = load_config("tiny.yaml", [*base, "eigenscore.every=40"])
     assert ok.train.callbacks == ["send", "eigenscore"]
+
+
+def test_unused_eigenscore_settings_do_not_constrain_short_models():
+    cfg = load_config("tiny.yaml", ["model.max_seq_len=16", "data.seq_len=16"])
+    assert cfg.eigenscore.max_new_tokens >= 16 and cfg.eigenscore.every == 0

@@ -115,7 +115,7 @@ def evaluate_eigenscore(path: str | Path, prompts: str = "", max_prompts: int | 
     run = load_run(path, device)
     es = dataclasses.replace(run.cfg.eigenscore, **(overrides or {}))
     job = dataclasses.replace(run.cfg, eigenscore=es)
-    check_eigenscore(job)
+    check_eigenscore(job, in_use=True)
     data = build_data(job, 0, 1)
     ids = prompt_ids(job, data.tokenizer, data, prompts, max_prompts)
     if not ids:
@@ -176,13 +176,17 @@ def add_eigenscore(cfg: JobConfig) -> None:
         cfg.train.callbacks.insert(len(methods), "eigenscore")
 
 
-def check_eigenscore(cfg: JobConfig) -> None:
+def check_eigenscore(cfg: JobConfig, in_use: bool | None = None) -> None:
+    """The eigenscore: section's settings; its fit to the model only when it is used (by the callback, or
+    `in_use=True` from `exatrain eval --eigenscore`), so short-context models need not change the defaults."""
     e, m = cfg.eigenscore, cfg.model
+    in_use = e.every > 0 if in_use is None else in_use
     require(e.k >= 2, "eigenscore.k", f"needs at least 2 samples per prompt, got {e.k}")
     require(e.temperature >= 0, "eigenscore.temperature", "must be >= 0 (0 = greedy: all samples equal)")
     require(0.0 < e.top_p <= 1.0, "eigenscore.top_p", "must be in (0, 1]")
     require(e.top_k >= 0, "eigenscore.top_k", "must be >= 0 (0 = no top-k filter)")
-    require(0 < e.max_new_tokens < m.max_seq_len, "eigenscore.max_new_tokens",
+    require(e.max_new_tokens > 0, "eigenscore.max_new_tokens", "must be >= 1")
+    require(not in_use or e.max_new_tokens < m.max_seq_len, "eigenscore.max_new_tokens",
             f"must be in 1..{m.max_seq_len - 1} (model.max_seq_len={m.max_seq_len} holds prompt + answer)")
     require(e.layer is None or -m.n_layers <= e.layer < m.n_layers, "eigenscore.layer",
             f"{e.layer} is out of range for model.n_layers={m.n_layers} (null = the middle block)")

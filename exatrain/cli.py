@@ -53,7 +53,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             from exatrain.eval.eigenscore_run import evaluate_eigenscore, format_table
 
             overrides = {k: v for k, v in (("k", args.k), ("methods", args.method), ("temperature", args.temperature),
-                                            ("max_new_tokens", args.max_new_tokens), ("seed", args.seed))
+                                            ("max_new_tokens", args.max_new_tokens), ("sample_seed", args.seed))
                          if v is not None}
             result = evaluate_eigenscore(args.run_dir, args.prompts or "", args.max_prompts, overrides, args.device)
             if args.json:

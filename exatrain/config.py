@@ -238,7 +238,8 @@ class EigenScoreConfig:
     chebyshev (the paper's EES), slq; alpha, moments (Chebyshev degree = Lanczos steps), probes.
     prompts: as send.prompts (empty: send.prompts, else the held-out documents' first tokens).
     every > 0: during training, rank 0 scores every checkpoint whose step is a multiple of it (and the
-    final one) and logs es_<method> in the eval records; `exatrain eval RUN --eigenscore` scores a run."""
+    final one) and logs es_<method> in the eval records; `exatrain eval RUN --eigenscore` scores a run.
+    sample_seed seeds the sampling and the estimators' probes (its own generators: training is unchanged)."""
 
     every: int = 0
     k: int = 10
@@ -253,7 +254,7 @@ class EigenScoreConfig:
     probes: int = 20
     prompts: str = ""
     max_prompts: int = 32
-    seed: int = 0
+    sample_seed: int = 0
 
 
 @dataclass

@@ -147,8 +147,8 @@ class StudyEval(Callback):
             es = self.es
             samples = eigenscore_for_prompts(model, prompts, k=es.k, max_new_tokens=es.max_new_tokens,
                                              temperature=es.temperature, top_k=es.top_k, top_p=es.top_p,
-                                             eos_id=tok.eos_id, methods=(), seed=es.seed)
-            scores = {m: [eigenscore(s.hidden, es.alpha, m, moments=es.moments, probes=es.probes, seed=es.seed)
+                                             eos_id=tok.eos_id, methods=(), seed=es.sample_seed)
+            scores = {m: [eigenscore(s.hidden, es.alpha, m, moments=es.moments, probes=es.probes, seed=es.sample_seed)
                           for s in samples] for m in METHODS}
             wrong = [not by_q[q.prompt] for q in self.subset]
             rec["es"] = {m: statistics.fmean(v) for m, v in scores.items()}

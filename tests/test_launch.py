@@ -13,7 +13,7 @@ from exatrain.config import ConfigError, LaunchConfig, load_config, parse_config
 from exatrain.launch import snapshot
 from exatrain.launch.slurm import load_profile, make_plan, parse_long_options, profile_names
 from exatrain.launch.submit import prepare, srun_task_errors
-from exatrain.launch.sweep import expand, parse_axes, resolve_key
+from exatrain.launch.sweep import config_keys, expand, parse_axes, resolve_key
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,6 +134,13 @@ def test_sweep_key_errors():
         parse_axes(["optim.lr"])
     with pytest.raises(ConfigError, match="launch.. cannot vary"):
         prepare(load_config("tiny.yaml"), ["launch.nodes=1,2"])
+
+
+def test_train_and_optim_keys_sweep_by_their_short_name():
+    """Sections added later (eigenscore, precision, ...) must not make `seed=1,2,3` or `lr=...` ambiguous."""
+    keys = [k for k in config_keys() if k.split(".")[0] in ("train", "optim")]
+    assert "train.seed" in keys and "optim.lr" in keys
+    assert all(resolve_key(k.rsplit(".", 1)[1]) == k for k in keys)
 
 
 def test_frontier_sbatch_environment_matches_the_profile():

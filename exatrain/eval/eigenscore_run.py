@@ -86,13 +86,13 @@ def score(model: torch.nn.Module, prompts: list[list[int]], es: EigenScoreConfig
     t0 = time.perf_counter()
     samples = eigenscore_for_prompts(model, prompts, k=es.k, max_new_tokens=es.max_new_tokens,
                                      temperature=es.temperature, top_k=es.top_k, top_p=es.top_p, layer=layer,
-                                     eos_id=eos_id, methods=(), seed=es.seed)
+                                     eos_id=eos_id, methods=(), seed=es.sample_seed)
     sampling_s = time.perf_counter() - t0
     per_prompt: list[dict[str, float]] = [{} for _ in samples]
     methods: dict[str, dict[str, float]] = {}
     for method in es.methods:
         t0 = time.perf_counter()
-        values = [eigenscore(s.hidden, es.alpha, method, moments=es.moments, probes=es.probes, seed=es.seed)
+        values = [eigenscore(s.hidden, es.alpha, method, moments=es.moments, probes=es.probes, seed=es.sample_seed)
                   for s in samples]
         elapsed = time.perf_counter() - t0
         for row, v in zip(per_prompt, values):

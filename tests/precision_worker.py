@@ -1,0 +1,50 @@
+"""torchrun worker for the FP8 / simulated-precision layout tests: one launch runs every case.
+
+    torchrun --nproc-per-node 2 tests/precision_worker.py SPEC.json OUT.pt
+
+SPEC is a list of {"name", "overrides", "convert", ...} (tests/precision_common.run). Rank 0 saves
+{name: record or {"error": traceback}} to OUT with torch.save; a failing case does not stop the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+warnings.filterwarnings("ignore")
+
+from precision_common import run  # noqa: E402
+
+
+def main(spec_path: str, out_path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for case in json.loads(Path(spec_path).read_text()):
+        start = time.perf_counter()
+        try:
+            record = run(case, world)
+        except Exception:  # noqa: BLE001 - recorded and reported by the test
+            record = {"error": traceback.format_exc()}
+        record["seconds"] = time.perf_counter() - start
+        results[case["name"]] = record
+        dist.barrier()
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main(sys.argv[1], sys.argv[2])

@@ -4,19 +4,28 @@ build order the trainer will use) and calls the FP8 scale hook after each optimi
 
 from __future__ import annotations
 
+from parallel_common import global_batches, n_labels, rank_micro_batches, tiny_cfg
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from exatrain.model.llama import build_model
 from exatrain.parallel import ParallelDims, build_engine
 from exatrain.parallel.engine import clean_fqn
 from exatrain.train.exmy import ExMy
-from exatrain.train.precision import convert_to_fp8, convert_to_mxfp8, fp8_block_tp_plan, precompute_fp8_scales
+from exatrain.train.precision import (
+    convert_to_fp8,
+    convert_to_mxfp8,
+    fp8_block_tp_plan,
+    precompute_fp8_scales,
+)
 from exatrain.train.simulated import GemmFormats, simulated_maker, swap_linears
-
-from parallel_common import global_batches, n_labels, rank_micro_batches, tiny_cfg  # noqa: E402  (tests/ on sys.path)
 
 STEPS = 3
 MX = ["model.n_kv_heads=4"]  # every projection a multiple of the MX block (32)

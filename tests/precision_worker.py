@@ -22,7 +22,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
-from precision_common import run  # noqa: E402
+from precision_common import run
 
 
 def main(spec_path: str, out_path: str) -> None:

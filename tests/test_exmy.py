@@ -65,9 +65,8 @@ class Reference:
             y = INF if f.variant == "ieee" else (float(self.max) if f.overflow == "saturate" else NAN)
             return math.copysign(y, x)
         ax = Fraction(abs(x))
-        overflow = False
         if ax > self.max:
-            lo, hi, lo_par, hi_par, hi_over = self.max, self.successor, self.parity[-1], self.successor_parity, True
+            lo, hi, lo_par, hi_par = self.max, self.successor, self.parity[-1], self.successor_parity
             if ax >= self.successor:
                 lo = hi = self.successor  # unbounded rounding lands at or beyond the successor
         else:
@@ -78,10 +77,7 @@ class Reference:
             else:
                 lo, hi = self.values[i - 1], self.values[i]
                 lo_par, hi_par = self.parity[i - 1], self.parity[i]
-            hi_over = False
-        if lo == hi:
-            y = lo
-        elif f.rounding == "truncate":
+        if lo == hi or f.rounding == "truncate":
             y = lo
         elif f.rounding == "stochastic":
             y = hi if Fraction(u) < (ax - lo) / (hi - lo) else lo
@@ -92,16 +88,13 @@ class Reference:
             elif f.mantissa_bits == 0:
                 y = lo if lo == 0 else hi  # m=0: ties go to the even multiple of lo's spacing (2^k vs 2·2^k)
             else:
+                assert lo_par != hi_par
                 y = lo if lo_par == 0 else hi
-            assert f.mantissa_bits == 0 or ax != mid or lo_par != hi_par
-        if y > self.max:
-            overflow = True
-        if overflow:
+        if y > self.max:  # overflow
             if f.rounding == "truncate" or f.overflow == "saturate":
                 y = self.max
             else:
-                out = INF if f.variant == "ieee" else NAN
-                return math.copysign(out, x)
+                return math.copysign(INF if f.variant == "ieee" else NAN, x)
         if not f.subnormals and y < self.min_normal:
             y = Fraction(0)
         out = math.copysign(float(y), x)

@@ -23,12 +23,12 @@ pytest.importorskip("torchao")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from parallel_common import one_thread  # noqa: E402
-from precision_common import MX, rel_err, run, weight_err  # noqa: E402
+from parallel_common import one_thread
+from precision_common import MX, rel_err, run, weight_err
 
-from exatrain.config import ConfigError  # noqa: E402
-from exatrain.model.llama import build_model  # noqa: E402
-from exatrain.train.precision import convert_to_fp8, convert_to_mxfp8, fp8_config  # noqa: E402
+from exatrain.config import ConfigError
+from exatrain.model.llama import build_model
+from exatrain.train.precision import convert_to_fp8, convert_to_mxfp8, fp8_config
 
 WORKER = Path(__file__).resolve().parent / "precision_worker.py"
 DP = ["parallel.dp_shard=2"]
@@ -138,8 +138,8 @@ def test_missing_torchao_is_a_clear_error(monkeypatch):
 def _cfg(**kw):
     from exatrain.config import ModelConfig
 
-    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_hidden=128, vocab_size=64, max_seq_len=16,
-                tie_embeddings=False)
+    base = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "ffn_hidden": 128, "vocab_size": 64,
+            "max_seq_len": 16, "tie_embeddings": False}
     return ModelConfig(**{**base, **kw})
 
 

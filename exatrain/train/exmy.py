@@ -28,8 +28,9 @@ round to zero anyway, and stochastic rounding's up-probability is off by < 2^-14
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 

@@ -32,8 +32,8 @@ torchao is imported lazily, so exatrain runs without it until FP8 is asked for.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
-from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -130,7 +130,12 @@ def fp8_block_tp_plan(recipe: str, sequence_parallel: bool) -> dict[str, object]
     have no float8 TP styles: plain styles, and Float8Linear casts the gathered DTensor inputs itself.
     """
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
 
     if recipe == "tensorwise":
         tp = _torchao("float8.float8_tensor_parallel")

@@ -18,9 +18,9 @@ unchanged. The LM head (`output`) and the embedding are left alone by default.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -65,9 +65,8 @@ def fp8_tensor_parallel(recipe: str):
     return apply
 
 
-def run(spec: dict, world_size: int) -> dict:
-    """Train STEPS steps on the layout of spec["overrides"] with the unchanged engine; returns per-step loss and
-    grad norm and the final full weights (rank 0 of the world holds them all)."""
+def make_engine(spec: dict, world_size: int):
+    """Meta model -> converter -> the unchanged engine (TP, AC, compile, FSDP, materialise)."""
     import exatrain.parallel.engine as engine_module
 
     cfg = tiny_cfg(spec.get("overrides", []))
@@ -79,12 +78,29 @@ def run(spec: dict, world_size: int) -> dict:
     if spec.get("float8_tp_styles"):
         engine_module.apply_tensor_parallel = fp8_tensor_parallel(spec["convert"]["recipe"])
     try:
-        engine = build_engine(model, cfg, dims, mesh, "cpu")
+        return cfg, dims, mesh, build_engine(model, cfg, dims, mesh, "cpu"), converted
     finally:
         engine_module.apply_tensor_parallel = original_tp
+
+
+def run(spec: dict, world_size: int, checkpoint_dir: str | None = None) -> dict:
+    """Train STEPS steps on the layout of spec["overrides"]; returns per-step loss and grad norm and the final full
+    weights. With spec["resume_after"] = k, the engine is saved with DCP to `checkpoint_dir` after k steps and a
+    fresh engine loads it and trains the rest."""
+    import torch.distributed.checkpoint as dcp
+
+    cfg, dims, mesh, engine, converted = make_engine(spec, world_size)
     record: dict = {"loss": [], "grad_norm": [], "converted": len(converted)}
     dp_rank = dims.dp_rank(mesh)
-    for b in global_batches(cfg, STEPS):
+    for step, b in enumerate(global_batches(cfg, STEPS)):
+        if step == spec.get("resume_after"):
+            dcp.save(engine.state_dict(), checkpoint_id=checkpoint_dir)
+            engine = make_engine(spec, world_size)[3]
+            state = engine.state_dict()
+            dcp.load(state, checkpoint_id=checkpoint_dir)
+            engine.load_state_dict(state)
+            if spec.get("precompute", False):
+                precompute_fp8_scales(engine.model_parts)
         micro = rank_micro_batches(b, dp_rank, dims.dp_size, cfg.train.micro_batch)
         stats = engine.train_step(micro, n_labels(b), cfg.optim.lr)
         if spec.get("precompute", False):

@@ -33,7 +33,7 @@ def main(spec_path: str, out_path: str) -> None:
     for case in json.loads(Path(spec_path).read_text()):
         start = time.perf_counter()
         try:
-            record = run(case, world)
+            record = run(case, world, checkpoint_dir=str(Path(out_path).parent / f"ckpt_{case['name']}"))
         except Exception:  # noqa: BLE001 - recorded and reported by the test
             record = {"error": traceback.format_exc()}
         record["seconds"] = time.perf_counter() - start

@@ -50,7 +50,7 @@ def single_process():
 def world_one(spec: dict) -> dict:
     """The single-process run of a case: its model overrides, no layout."""
     model = [o for o in spec.get("overrides", []) if o.startswith("model.")]
-    rec = run({**spec, "overrides": model}, 1)
+    rec = run({**spec, "overrides": model, "resume_after": None}, 1)
     dist.destroy_process_group()
     return rec
 
@@ -153,6 +153,8 @@ def _cfg(**kw):
 CASES = {
     "dp2_fp8_tensorwise_float8_all_gather": ({"overrides": DP, "convert": fp8("tensorwise", all_gather=True),
                                               "precompute": True}, "steps"),
+    "dp2_fp8_float8_all_gather_dcp_resume": ({"overrides": DP, "convert": fp8("tensorwise", all_gather=True),
+                                              "precompute": True, "resume_after": 2}, "steps"),
     "dp2_fp8_tensorwise_pow2_scales": ({"overrides": DP, "convert": fp8("tensorwise", pow2=True)}, "exact"),
     "dp2_fp8_rowwise": ({"overrides": DP, "convert": fp8("rowwise")}, "exact"),
     "dp2_fp8_rowwise_with_gw_hp": ({"overrides": DP, "convert": fp8("rowwise_with_gw_hp")}, "exact"),

@@ -129,3 +129,24 @@ def test_low_precision_training_moves_away_from_fp32_but_stays_finite():
     low = train(GemmFormats(E8M3_TRUNC, E8M3_TRUNC, E8M3_TRUNC))
     assert all(torch.isfinite(torch.tensor(low))) and low != ref
     assert max(abs(a - b) / b for a, b in zip(low, ref)) < 0.05
+
+
+def test_dtensor_operands_round_per_shard_and_resolve_partial(tmp_path):
+    """On a one-rank mesh: a Shard/Replicate DTensor rounds its local values in place of layout; a Partial one is
+    reduced (here: to itself) before rounding, since its shards are summands."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    from exatrain.train.simulated import quantize_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+        for placement in (Shard(1), Replicate(), Partial()):
+            d = quantize_tensor(DTensor.from_local(x, mesh, [placement]), E8M3_TRUNC)
+            assert isinstance(d, DTensor) and torch.equal(d.full_tensor(), quantize(x, E8M3_TRUNC))
+            assert d.placements == ((Replicate(),) if placement.is_partial() else (placement,))
+    finally:
+        dist.destroy_process_group()

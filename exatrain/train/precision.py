@@ -110,12 +110,6 @@ def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", exclude: Sequen
     return converted
 
 
-def fp8_all_gather_enabled(parts: Iterable[nn.Module]) -> bool:
-    float8_linear = _torchao("float8.float8_linear").Float8Linear
-    return any(isinstance(m, float8_linear) and m.config.enable_fsdp_float8_all_gather
-               for part in parts for m in part.modules())
-
-
 def precompute_fp8_scales(parts: Iterable[nn.Module]) -> None:
     """After the optimizer step, with FSDP2 float8 all-gather: one all-reduce of every weight's amax gives the
     scales the next all-gather casts with (without it each shard would need its own pass). A no-op for

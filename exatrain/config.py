@@ -150,7 +150,7 @@ class TrainConfig:
     global_batch: int = 16
     micro_batch: int = 8
     seed: int = 0
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # fp32 | bf16 (autocast: bf16 compute, fp32 params) | bf16_params (bf16 params, fp32 master)
     activation_checkpointing: str = "none"
     compile: bool = False
     device: str = "auto"
@@ -303,7 +303,7 @@ DEFAULT_CONFIG = "tiny.yaml"
 # Fixed enumerations; keys whose values name registered components are checked against the registries.
 _CHOICES = {
     "data.tokenizer.kind": ("bpe", "byte"),
-    "train.dtype": ("fp32", "bf16"),
+    "train.dtype": ("fp32", "bf16", "bf16_params"),
     "train.activation_checkpointing": ("none", "selective", "full"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.nan_policy": ("skip", "raise"),

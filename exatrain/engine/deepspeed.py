@@ -9,6 +9,8 @@ param groups, and a state dict in the native engine's FQN-keyed format ("model" 
 On CPU it runs with gloo (DS_ACCELERATOR=cpu is set before deepspeed is imported).
 Build sequence: convert (model.converters) -> activation checkpointing -> init (always the full
 single-process init, `materialize`) -> deepspeed.initialize partitions it.
+Precision: train.dtype=bf16 is torch autocast around the forward (fp32 weights, as on the native engine);
+bf16_params is DeepSpeed's `bf16` mode (bf16 weights, fp32 master weights in the ZeRO optimizer).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class DeepSpeedEngine:
             "gradient_clipping": cfg.optim.grad_clip,
             "zero_optimization": {"stage": cfg.parallel.zero_stage},
             "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": t.dtype == "bf16"},
+            "bf16": {"enabled": t.dtype == "bf16_params"},  # bf16 weights, fp32 master in the ZeRO optimizer
             "steps_per_print": 2**62,
             "wall_clock_breakdown": False,
         }
@@ -74,7 +76,10 @@ class DeepSpeedEngine:
 
     def _forward_loss(self, b: Batch, n_labels: int) -> torch.Tensor:
         tokens, kwargs = model_inputs(b, self.device)
-        return ce_sum(self.ds(tokens, **kwargs), b.labels.to(self.device)) / n_labels
+        # train.dtype=bf16 is autocast on every engine (fp32 weights); bf16_params is DeepSpeed's bf16 mode.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.dtype == "bf16"):
+            logits = self.ds(tokens, **kwargs)
+        return ce_sum(logits, b.labels.to(self.device)) / n_labels
 
     def train_step(self, micro_batches: list[Batch], n_label_tokens: int, lr: float) -> StepStats:
         if len(micro_batches) != self.accumulation:

@@ -6,9 +6,14 @@ this rank's parts; this module runs steps on them. `model_parts` holds this rank
 (one without virtual stages). Data parallelism is FSDP2 (`parallel.zero_stage` 2 or 3) or ZeRO-1
 (`zero_stage=1`: replicated parameters, sharded optimizer states; exatrain.engine.optimizer).
 
-Precision: train.dtype=bf16 uses FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 sharded master
-weights and fp32 gradient reduction) under FSDP, else bf16 autocast; the loss is always computed in
-fp32.
+Precision (train.dtype), the same on every layout; the loss is always computed in fp32:
+  fp32         fp32 parameters and compute.
+  bf16         autocast: bf16 matmuls, fp32 parameters, gradients and optimizer.
+  bf16_params  bf16 parameters and compute with fp32 master weights: under FSDP2 its MixedPrecisionPolicy
+               (fp32 shards, bf16 all-gathers, fp32 gradient reduce-scatter); otherwise the parameters are
+               cast to bf16 and the ZeRO-1 optimizer keeps fp32 master slices (with no data parallelism its
+               "slice" is the whole tensor), so updates are computed in fp32 and rounded once into the weights.
+Precision of the GEMMs themselves (FP8, simulated formats) is a model converter (exatrain.train.precision).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from exatrain.config import JobConfig
 from exatrain.data.batch import Batch
 from exatrain.engine.base import StepStats, ce_sum, local, model_inputs
-from exatrain.engine.optimizer import build_optimizers
+from exatrain.engine.optimizer import build_optimizers, cast_parameters
 from exatrain.model.convert import converters_of
 from exatrain.parallel.dims import V_SCHEDULES, ParallelDims
 from exatrain.parallel.parallelize import parallelize, uses_fsdp
@@ -56,10 +61,13 @@ class NativeEngine:
         self.cfg, self.dims, self.mesh, self.device = cfg, dims, mesh, device
         p = cfg.parallel
         self.loss_parallel = dims.tp_enabled and p.loss_parallel
-        self.autocast_bf16 = cfg.train.dtype == "bf16" and not uses_fsdp(cfg, dims)
+        self.autocast_bf16 = cfg.train.dtype == "bf16"
         self.stage_ids, self.model_parts = parallelize(model, cfg, dims, mesh, device)
+        bf16_master = cfg.train.dtype == "bf16_params" and not uses_fsdp(cfg, dims)
         self.optimizers = build_optimizers(self.model_parts, cfg, mesh,
-                                           zero_one=dims.dp_enabled and p.zero_stage == 1)
+                                           zero_one=(dims.dp_enabled and p.zero_stage == 1) or bf16_master)
+        if bf16_master:  # after the optimizer took its fp32 master copies
+            cast_parameters(self.model_parts, torch.bfloat16)
         self.post_step_hooks = [c.after_optimizer_step for c in converters_of(cfg) if c.after_optimizer_step]
         self.has_last_stage = dims.n_stages - 1 in self.stage_ids
         self.reports_loss = self.has_last_stage and mesh.get_local_rank("tp") == 0

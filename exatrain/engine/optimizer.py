@@ -16,11 +16,18 @@ parameter's own layout), so checkpoints move between strategies, layouts and eng
   gradients in full, 12 bytes per parameter of optimizer state (2 moments + fp32 master) / dp. A
   checkpoint gathers each parameter's states into its full TP-local layout, one rank-shard at a time
   in host memory, so it loads into any other layout; DP collectives are not overlapped with backward.
+
+Low-precision parameters (train.dtype=bf16_params without FSDP): the engine builds a ZeroOneOptimizer (with
+no data parallelism its slice is the whole tensor) while the parameters are still fp32, then casts them with
+`cast_parameters`. The fp32 masters are the weights that matter: updates are computed on them and rounded once
+into the bf16 parameters; checkpoints store them as optimizer state `master` next to the moments.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -192,35 +199,81 @@ class ZeroOneOptimizer:
             g.update({k: v for k, v in mine.items() if k != "params"})
         return shadow
 
+    def _low_precision(self, p: torch.Tensor) -> bool:
+        return local(p).dtype != torch.float32
+
     def state_dict(self) -> dict[str, Any]:
+        """Moments (and, for low-precision parameters, the fp32 `master` weights) in full TP-local layout. With
+        low-precision parameters every entry is written even before the first step, so a fresh optimizer's
+        state dict (the target a checkpoint is loaded into) has the `master` keys."""
+        return get_optimizer_state_dict(self.part, self._filled_shadow(), options=OPTIM_STATE_DICT)
+
+    def _filled_shadow(self) -> torch.optim.Optimizer:
+        """The shadow optimizer holding this optimizer's state gathered into each parameter's layout."""
         shadow = self._shadow()
         for i, p in enumerate(self.params):
             st = self.optimizer.state.get(self.masters[p])
-            if not st:
+            if not st and not self._low_precision(p):
                 continue
-            entry = {"step": st["step"].detach().clone().cpu()}
-            for key in _MOMENTS:
-                full = self._gather(st[key], i).to(local(p).device)
+            master = self.masters[p]
+            entry = {"step": st["step"].detach().clone().cpu() if st else torch.zeros(())}
+            shards = {key: st[key] if st else torch.zeros_like(master) for key in _MOMENTS}
+            if self._low_precision(p):
+                shards["master"] = master.detach()
+            for key, shard in shards.items():
+                full = self._gather(shard, i).to(local(p).device)
                 entry[key] = DTensor.from_local(full, p.device_mesh, p.placements, run_check=False) \
                     if isinstance(p, DTensor) else full
             shadow.state[p] = entry
-        return get_optimizer_state_dict(self.part, shadow, options=OPTIM_STATE_DICT)
+        return shadow
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        shadow = self._shadow()
-        set_optimizer_state_dict(self.part, shadow, state, options=OPTIM_STATE_DICT)
+        low = [p for p in self.params if self._low_precision(p)]
+        # Loading unflattens into the keys the shadow's state already has, so with low-precision parameters start
+        # from filled entries (they have `master`); and torch's Optimizer.load_state_dict casts floating state to
+        # its parameter's dtype, so load through fp32 stand-ins of those parameters.
+        shadow = self._filled_shadow() if low else self._shadow()
+        with _fp32_parameters(low):
+            set_optimizer_state_dict(self.part, shadow, state, options=OPTIM_STATE_DICT)
+        self._refresh_masters()
         for i, p in enumerate(self.params):
             src = shadow.state.get(p)
             if not src:
                 continue
             s = self._slice(i)
+            if "master" in src and self._low_precision(p):
+                self.masters[p].data = local(src["master"]).reshape(-1)[s].float().clone()
+            if "exp_avg" not in src:
+                continue
             self.optimizer.state[self.masters[p]] = {
                 "step": src["step"].detach().clone().float().cpu(),
                 **{key: local(src[key]).reshape(-1)[s].float().clone() for key in _MOMENTS}}
-        self._refresh_masters()
         for g, loaded in zip(self.optimizer.param_groups, shadow.param_groups):
             g.update({k: v for k, v in loaded.items() if k != "params"})
+
+
+@contextlib.contextmanager
+def _fp32_parameters(params: list[nn.Parameter]) -> Iterator[None]:
+    """Temporarily give `params` fp32 copies of their values (same Parameter objects), then their own tensors back."""
+    held = [nn.Parameter(p.detach().float(), requires_grad=p.requires_grad) for p in params]
+    for p, h in zip(params, held):
+        torch.utils.swap_tensors(p, h)
+    try:
+        yield
+    finally:
+        for p, h in zip(params, held):
+            torch.utils.swap_tensors(p, h)
+
+
+@torch.no_grad()
+def cast_parameters(parts: list[nn.Module], dtype: torch.dtype) -> None:
+    """Cast every floating-point parameter to `dtype` in place (same Parameter objects, so optimizers, tied weights
+    and DTensor placements are kept); buffers (RoPE tables, masks) stay as they are."""
+    for part in parts:
+        for p in part.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                torch.utils.swap_tensors(p, nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad))
 
 
 def build_optimizers(parts: list[nn.Module], cfg: JobConfig, mesh: DeviceMesh, zero_one: bool) -> list[Any]:

@@ -10,7 +10,9 @@
 5. torch.compile per block.
 6. FSDP2 over the data-parallel mesh dims (exatrain.parallel.data_parallel), unless the job uses
    ZeRO-1 (`parallel.zero_stage=1`: parameters stay replicated, the optimizer shards its states;
-   exatrain.engine.optimizer).
+   exatrain.engine.optimizer). With train.dtype=bf16_params FSDP2 gathers bf16 parameters
+   from fp32 shards; without FSDP the engine casts the parameters to bf16 after building its optimizer,
+   whose fp32 master copies keep the full-precision weights.
 7. init: allocate the local shards and fill them ("parallel.init"):
      full     every rank builds the full model on CPU from train.seed with `materialize` and keeps
               its slice of each tensor: bit-identical to the single-process init for any layout
@@ -80,7 +82,7 @@ def parallelize(model: nn.Module, cfg: JobConfig, dims: ParallelDims, mesh: Devi
             for block in part.layers.values():
                 block.compile()
         if uses_fsdp(cfg, dims):
-            apply_fsdp(part, dp_mesh_of(mesh, dims), zero_stage, torch.bfloat16 if t.dtype == "bf16" else None)
+            apply_fsdp(part, dp_mesh_of(mesh, dims), zero_stage, fsdp_param_dtype(t.dtype))
         part.to_empty(device=device)
         part.tie_weights()  # to_empty unties plain (non-DTensor) parameters
         if full is not None:
@@ -88,6 +90,12 @@ def parallelize(model: nn.Module, cfg: JobConfig, dims: ParallelDims, mesh: Devi
         else:
             init_sharded(part, stage, t.seed, mesh, dims, device)
     return stage_ids, parts
+
+
+def fsdp_param_dtype(dtype: str) -> torch.dtype | None:
+    """train.dtype=bf16_params under FSDP2: bf16 all-gathered parameters, fp32 sharded master weights and fp32
+    gradient reduction (MixedPrecisionPolicy). bf16 (autocast) keeps fp32 parameters; exatrain.engine.native."""
+    return torch.bfloat16 if dtype == "bf16_params" else None
 
 
 def full_init_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:

@@ -278,6 +278,104 @@ class LaunchConfig:
 
 
 @dataclass
+class Fp8Config:
+    """Real FP8 GEMMs through torchao (precision.gemm=fp8; exatrain.train.precision). recipe: tensorwise (e4m3
+    forward, e5m2 gradients, one dynamic scale per tensor), rowwise, rowwise_with_gw_hp. fsdp_float8_all_gather:
+    FSDP2 all-gathers the weights in float8 (tensorwise only). power_of_two_scales: round every scale down to a
+    power of two (null: the recipe's default, on for the rowwise recipes). float8_tp_styles: torchao's float8
+    DTensor styles for the block projections under TP (tensorwise only; not with sequence parallelism on gloo).
+    multiple_of: a Linear with a dimension not divisible by it stays high precision (GPU fp8 GEMMs need 16)."""
+
+    recipe: str = "tensorwise"
+    fsdp_float8_all_gather: bool = False
+    power_of_two_scales: bool | None = None
+    float8_tp_styles: bool = False
+    multiple_of: int = 16
+
+
+@dataclass
+class Mxfp8Config:
+    """MX block-scaled FP8 through torchao's prototype MXFP8Linear (precision.gemm=mxfp8): e4m3 elements in blocks
+    of 32 with E8M0 scales. The mxfp8_emulated_* recipes run anywhere (CPU too); the others need SM100 kernels."""
+
+    recipe: str = "mxfp8_emulated_rceil"
+
+
+@dataclass
+class SimulatedRuleConfig:
+    """Formats of the Linears whose FQN matches `pattern` (fnmatch, `*` crosses dots); '' inherits the section's."""
+
+    pattern: str = "*"
+    format: str = ""
+    input: str = ""
+    weight: str = ""
+    grad_output: str = ""
+    rounding: str = ""
+
+
+@dataclass
+class SimulatedConfig:
+    """Simulated ExMy GEMM operands inside fp32 (precision.gemm=simulated; exatrain.train.simulated). `format`
+    applies to every operand a role does not set itself: input and weight (forward), grad_output (the output
+    gradient both backward GEMMs use). Names: eXmY[fn|fnuz] (e8m3, e4m3fn) or fp32, tf32, bf16, fp16; 'fp32' keeps
+    an operand exact. rounding: nearest (ties to even) | truncate (the paper's mantissa masking) | stochastic.
+    overflow: saturate (clamp to the format's range) | inf. subnormals: false flushes them to zero. layers: rules
+    per layer type, the first whose pattern matches a Linear's FQN wins; other Linears use the section's formats."""
+
+    format: str = "e8m7"
+    input: str = ""
+    weight: str = ""
+    grad_output: str = ""
+    rounding: str = "nearest"
+    overflow: str = "saturate"
+    subnormals: bool = True
+    layers: list[SimulatedRuleConfig] = field(default_factory=list)
+
+
+@dataclass
+class SharpnessConfig:
+    """Sharpness over training (exatrain.train.stability), every `every` steps (0 = off) and at the last step, on
+    the first `batches` validation batches (the same rows each time). epsilon: the box radius of Keskar's
+    last-token logit sharpness phi_eps. weight_directions > 0 also measures the loss increase along that many
+    seeded, filter-normalised weight directions scaled by weight_radius (single-process runs only)."""
+
+    every: int = 0
+    epsilon: float = 1e-3
+    batches: int = 1
+    weight_directions: int = 0
+    weight_radius: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class DivergenceConfig:
+    """Divergence detection (exatrain.train.stability): a non-finite loss, or after `warmup` steps a loss above
+    `threshold` x the median of the previous `window` losses. action: record (log it, train on) | stop
+    (checkpoint and end the run; a resumed run stays stopped). The first event goes to run_dir/divergence.json."""
+
+    enabled: bool = False
+    threshold: float = 2.0
+    window: int = 50
+    warmup: int = 100
+    action: str = "record"
+
+
+@dataclass
+class PrecisionConfig:
+    """GEMM formats and stability instruments (DESIGN.md §7; README "Precision"). gemm: none | fp8 | mxfp8 |
+    simulated adds that model converter. exclude: Linears kept high precision (fnmatch on the FQN; a plain name
+    covers everything under it); by default the LM head and the embedding."""
+
+    gemm: str = "none"
+    exclude: list[str] = field(default_factory=lambda: ["output", "tok_embeddings"])
+    fp8: Fp8Config = field(default_factory=Fp8Config)
+    mxfp8: Mxfp8Config = field(default_factory=Mxfp8Config)
+    simulated: SimulatedConfig = field(default_factory=SimulatedConfig)
+    sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+
+
+@dataclass
 class JobConfig:
     """plugins: extra modules imported before resolution (on every rank) to register components."""
 
@@ -290,6 +388,7 @@ class JobConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)

@@ -32,6 +32,7 @@ BUILTIN_PLUGINS = (
     "exatrain.train.send",
     "exatrain.train.send_tracking",
     "exatrain.eval.eigenscore_run",
+    "exatrain.train.precision",
     "exatrain.engine.native",
     "exatrain.engine.deepspeed",
 )

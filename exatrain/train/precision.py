@@ -1,10 +1,19 @@
-"""Real FP8 training through torchao (DESIGN.md §7): model converters, the FSDP2 scale hook and TP styles.
+"""GEMM precision as model converters (DESIGN.md §7): real FP8 through torchao, MXFP8 emulation, simulated ExMy.
 
-Order (the engine's build order): meta model -> `convert_to_fp8` / `convert_to_mxfp8` -> tensor
-parallel (with `fp8_block_tp_plan` styles) -> activation checkpointing -> compile -> FSDP2 ->
-materialise. The converters only swap modules and share the existing (meta) Parameters, so they run
-before any weight exists. The LM head and the embeddings stay high precision by default (the
-paper's FP8 runs excluded the head; an embedding is a lookup, not a GEMM).
+`precision.gemm` = fp8 | mxfp8 | simulated adds the converter of that name to `model.converters` (a config
+resolver here), so it runs on the meta model before pipeline split, TP, activation checkpointing, compile, FSDP
+and init (exatrain.parallel.parallelize). Converters only swap modules and share the existing (meta)
+Parameters, so they run before any weight exists and every layout initialises identically. The Linears in
+`precision.exclude` stay high precision: by default the LM head and the embeddings (the paper's FP8 runs
+excluded the head; an embedding is a lookup, not a GEMM).
+
+- fp8: torchao `convert_to_float8_training` (`precision.fp8`); with FSDP float8 all-gather its
+  `after_optimizer_step` hook runs `precompute_float8_dynamic_scale_for_fsdp` on each model part; with
+  `float8_tp_styles` every converted Linear carries torchao's float8 DTensor styles as `tp_styles`, which
+  exatrain.parallel.tensor_parallel uses instead of the plain ones.
+- mxfp8: torchao's prototype MXFP8Linear (`precision.mxfp8.recipe`).
+- simulated: exatrain.train.simulated.SimulatedLinear with the formats of `precision.simulated` per operand
+  role and per layer type (fnmatch rules on the FQN).
 
 Recipes (torchao `Float8LinearConfig.from_recipe_name`):
   tensorwise          e4m3 input/weight, e5m2 grad_output, one dynamic scale per tensor. The only
@@ -17,8 +26,8 @@ E8M0 scales; the emulated kernels run anywhere, the native ones need Blackwell (
 Measured on CPU (torch 2.13.0+cpu, torchao 0.18.0, gloo; tests/test_precision.py):
 - every recipe trains with real `torch._scaled_mm` calls (rowwise GEMMs write bf16, then torchao casts
   to fp32); 3 steps of the tiny model stay within 1e-3 of fp32's loss.
-- FSDP2 (with or without float8 all-gather) and TP with plain or float8 styles (no sequence parallelism)
-  train like one process given the same micro-batches. With tensorwise's exact amax scales, fp32 noise
+- FSDP2 (with or without float8 all-gather), TP with plain or float8 styles (no sequence parallelism) and
+  PP train like one process given the same micro-batches. With tensorwise's exact amax scales, fp32 noise
   from another reduction order flips some fp8 roundings, so weights drift apart after a step or two
   (losses still equal to 1e-7); `power_of_two_scales` makes DP and TP equal to one process to 1e-7.
 - gloo cannot all-gather float8 tensors ("Invalid scalar type"): float8 TP styles with sequence
@@ -35,14 +44,22 @@ torchao is imported lazily, so exatrain runs without it until FP8 is asked for.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
 
 import torch
 from torch import nn
 
-from exatrain.config import ConfigError
-from exatrain.train.simulated import DEFAULT_EXCLUDE, matches, swap_linears
+from exatrain.config import ConfigError, JobConfig, PrecisionConfig, require
+from exatrain.model.convert import register_converter
+from exatrain.registry import config_resolver, config_validator
+from exatrain.train.exmy import OVERFLOWS, ROUNDINGS, ExMy
+from exatrain.train.simulated import DEFAULT_EXCLUDE, GemmFormats, SimulatedLinear, matches, swap_linears
+
+log = logging.getLogger("exatrain")
 
 FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 MXFP8_RECIPES = ("mxfp8_emulated_rceil", "mxfp8_emulated_rceil_wgrad_with_hp", "mxfp8_rceil",
@@ -119,40 +136,13 @@ def precompute_fp8_scales(parts: Iterable[nn.Module]) -> None:
         f8.precompute_float8_dynamic_scale_for_fsdp(part)
 
 
-def fp8_block_tp_plan(recipe: str, sequence_parallel: bool) -> dict[str, object]:
-    """The TP plan of one TransformerBlock (same layout as exatrain.parallel.tensor_parallel) for an FP8 model.
-
-    tensorwise: torchao's Float8ColwiseParallel/Float8RowwiseParallel/PrepareFloat8ModuleInput, so the
-    sequence-parallel all-gathers move fp8 and the input is cast once per sub-layer. The rowwise recipes
-    have no float8 TP styles: plain styles, and Float8Linear casts the gathered DTensor inputs itself.
-    """
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        PrepareModuleInput,
-        RowwiseParallel,
-        SequenceParallel,
-    )
-
-    if recipe == "tensorwise":
-        tp = _torchao("float8.float8_tensor_parallel")
-        colwise, rowwise, prepare = tp.Float8ColwiseParallel, tp.Float8RowwiseParallel, tp.PrepareFloat8ModuleInput
-    else:
-        colwise, rowwise, prepare = ColwiseParallel, RowwiseParallel, PrepareModuleInput
-    seq = Shard(1) if sequence_parallel else Replicate()
-    plan: dict[str, object] = {
-        "attention.wq": colwise(), "attention.wk": colwise(), "attention.wv": colwise(),
-        "attention.wo": rowwise(output_layouts=seq),
-        "feed_forward.w1": colwise(), "feed_forward.w2": rowwise(output_layouts=seq), "feed_forward.w3": colwise(),
-    }
-    if sequence_parallel:
-        plan.update({
-            "attention_norm": SequenceParallel(),
-            "attention": prepare(input_layouts=(seq, None, None, None), desired_input_layouts=(Replicate(), None, None, None)),
-            "ffn_norm": SequenceParallel(),
-            "feed_forward": prepare(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
-        })
-    return plan
+def float8_tp_styles() -> dict[str, type]:
+    """torchao's float8 DTensor styles, as a converted Linear's `tp_styles` (exatrain.parallel.tensor_parallel):
+    the sequence-parallel all-gathers then move float8 and each sub-layer's input is cast once. Tensorwise only
+    (the rowwise recipes have no float8 styles: plain styles, and Float8Linear casts the gathered inputs itself)."""
+    tp = _torchao("float8.float8_tensor_parallel")
+    return {"colwise": tp.Float8ColwiseParallel, "rowwise": tp.Float8RowwiseParallel,
+            "prepare_input": tp.PrepareFloat8ModuleInput}
 
 
 def convert_to_mxfp8(model: nn.Module, recipe: str = "mxfp8_emulated_rceil",
@@ -178,3 +168,154 @@ def convert_to_mxfp8(model: nn.Module, recipe: str = "mxfp8_emulated_rceil",
         return new
 
     return swap_linears(model, make, exclude)
+
+
+# ---------------------------------------------------------------- the config: converters, resolver, validator
+
+GEMMS = ("fp8", "mxfp8", "simulated")  # precision.gemm values other than none = converter names
+ROLES = ("input", "weight", "grad_output")
+EXACT = ("fp32", "none")  # simulated format names that keep an operand fp32
+CALLBACK_SECTIONS = {"sharpness": "precision.sharpness.every > 0", "divergence": "precision.divergence.enabled=true"}
+
+
+def simulated_rules(pc: PrecisionConfig) -> list[tuple[str, GemmFormats]]:
+    """(pattern, formats) per `precision.simulated.layers` rule, then ("*", the section's formats); each operand's
+    format is the first set of: the rule's role, the rule's `format`, the section's role, the section's `format`.
+    Errors name the key (e.g. precision.simulated.layers.0.weight.mantissa_bits)."""
+    s = pc.simulated
+
+    require(bool(s.format), "precision.simulated.format", "must name a format (e.g. e8m3, or fp32 for exact)")
+    for key, value, allowed in [("precision.simulated.rounding", s.rounding, ROUNDINGS),
+                                ("precision.simulated.overflow", s.overflow, OVERFLOWS),
+                                *((f"precision.simulated.layers.{i}.rounding", r.rounding, ("", *ROUNDINGS))
+                                  for i, r in enumerate(s.layers))]:
+        require(value in allowed, key, f"got {value!r}, expected one of {', '.join(a for a in allowed if a)}")
+
+    def formats(rule, key: str) -> GemmFormats:
+        rounding = (rule.rounding if rule is not None else "") or s.rounding
+        out = {}
+        for role in ROLES:
+            candidates = [(getattr(rule, role), f"{key}.{role}"), (rule.format, f"{key}.format")] if rule else []
+            candidates += [(getattr(s, role), f"precision.simulated.{role}"), (s.format, "precision.simulated.format")]
+            name, where = next((v, k) for v, k in candidates if v)
+            out[role] = None if name.lower() in EXACT else ExMy.parse(
+                name, where, rounding=rounding, overflow=s.overflow, subnormals=s.subnormals)
+        return GemmFormats(**out)
+
+    rules = []
+    for i, rule in enumerate(s.layers):
+        key = f"precision.simulated.layers.{i}"
+        require(bool(rule.pattern), f"{key}.pattern", "must be a non-empty fnmatch pattern on the Linear's FQN")
+        rules.append((rule.pattern, formats(rule, key)))
+    return rules + [("*", formats(None, "precision.simulated"))]
+
+
+@register_converter("simulated")
+def convert_simulated(model: nn.Module, cfg: JobConfig) -> None:
+    """Swap the block Linears for SimulatedLinear with the formats of their first matching rule."""
+    rules = simulated_rules(cfg.precision)
+
+    def make(fqn: str, linear: nn.Linear) -> nn.Module | None:
+        formats = next(f for pattern, f in rules if matches(fqn, [pattern]))
+        if all(getattr(formats, r) is None for r in ROLES):
+            return None
+        return SimulatedLinear.from_linear(linear, formats)
+
+    swapped = swap_linears(model, make, cfg.precision.exclude)
+    log.info("precision: %d Linears simulate %s", len(swapped),
+             "; ".join(f"{pat}: {f.describe()}" for pat, f in rules))
+
+
+def _precompute_scales(part: nn.Module, cfg: JobConfig) -> None:
+    if cfg.precision.fp8.fsdp_float8_all_gather:
+        precompute_fp8_scales([part])
+
+
+@register_converter("fp8", after_optimizer_step=_precompute_scales)
+def convert_fp8(model: nn.Module, cfg: JobConfig) -> None:
+    f = cfg.precision.fp8
+    converted = convert_to_fp8(model, f.recipe, cfg.precision.exclude, f.fsdp_float8_all_gather,
+                               f.power_of_two_scales, f.multiple_of)
+    if f.float8_tp_styles:
+        styles = float8_tp_styles()
+        for fqn in converted:
+            model.get_submodule(fqn).tp_styles = styles
+    log.info("precision: %d Linears -> torchao Float8Linear (%s%s%s)", len(converted), f.recipe,
+             ", float8 all-gather" if f.fsdp_float8_all_gather else "", ", float8 TP styles" if f.float8_tp_styles else "")
+
+
+@register_converter("mxfp8")
+def convert_mxfp8(model: nn.Module, cfg: JobConfig) -> None:
+    converted = convert_to_mxfp8(model, cfg.precision.mxfp8.recipe, cfg.precision.exclude)
+    log.info("precision: %d Linears -> torchao MXFP8Linear (%s)", len(converted), cfg.precision.mxfp8.recipe)
+
+
+@config_resolver
+def add_precision_components(cfg: JobConfig) -> None:
+    """precision.gemm adds its converter (last, so other converters see plain Linears); enabled instruments add
+    their callbacks first, like every method's own callbacks."""
+    pc = cfg.precision
+    if pc.gemm in GEMMS and pc.gemm not in cfg.model.converters:
+        cfg.model.converters.append(pc.gemm)
+    if pc.sharpness.every > 0 and "sharpness" not in cfg.train.callbacks:
+        cfg.train.callbacks.insert(0, "sharpness")
+    if pc.divergence.enabled and "divergence" not in cfg.train.callbacks:
+        cfg.train.callbacks.insert(0, "divergence")
+
+
+def _on_gloo(cfg: JobConfig) -> bool:
+    return cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+
+
+@config_validator
+def validate_precision(cfg: JobConfig) -> None:
+    pc = cfg.precision
+    require(pc.gemm in ("none", *GEMMS), "precision.gemm", f"got {pc.gemm!r}, expected one of none, {', '.join(GEMMS)}")
+    require(all(isinstance(x, str) and x for x in pc.exclude), "precision.exclude",
+            "must be a list of non-empty fnmatch patterns on Linear FQNs (e.g. output, 'layers.0.*')")
+    for name in GEMMS:
+        require(name not in cfg.model.converters or pc.gemm == name, "model.converters",
+                f"{name!r} is the converter of precision.gemm={name}; set that instead (one GEMM format per run)")
+    if pc.gemm in ("fp8", "mxfp8"):
+        require(importlib.util.find_spec("torchao") is not None, "precision.gemm",
+                f"{pc.gemm} needs torchao: pip install 'exatrain[fp8]' (torchao==0.18.0)")
+        require(cfg.parallel.engine == "native", "precision.gemm",
+                f"{pc.gemm} runs on parallel.engine=native (torchao's FSDP2/DTensor integration); "
+                "DeepSpeed is not supported with it, use precision.gemm=simulated or the native engine")
+    f = pc.fp8
+    require(f.recipe in FP8_RECIPES, "precision.fp8.recipe", f"got {f.recipe!r}, expected one of {', '.join(FP8_RECIPES)}")
+    require(not f.fsdp_float8_all_gather or f.recipe == "tensorwise", "precision.fp8.fsdp_float8_all_gather",
+            f"only the tensorwise recipe can all-gather in float8 (got recipe {f.recipe!r})")
+    require(not (f.fsdp_float8_all_gather and f.power_of_two_scales), "precision.fp8.power_of_two_scales",
+            "torchao 0.18's FSDP float8 all-gather computes weight scales without power-of-two rounding; "
+            "turn off one of power_of_two_scales and fsdp_float8_all_gather")
+    require(not f.float8_tp_styles or f.recipe == "tensorwise", "precision.fp8.float8_tp_styles",
+            f"torchao has float8 TP styles for the tensorwise recipe only (got {f.recipe!r}); the rowwise recipes "
+            "run under the plain TP styles")
+    require(not (f.float8_tp_styles and cfg.parallel.tp != 1 and cfg.parallel.sequence_parallel and _on_gloo(cfg)),
+            "precision.fp8.float8_tp_styles",
+            "with sequence parallelism the float8 styles all-gather float8 activations, which gloo cannot "
+            "('Invalid scalar type'); on CPU set parallel.sequence_parallel=false or float8_tp_styles=false")
+    require(f.multiple_of >= 1, "precision.fp8.multiple_of", "must be >= 1")
+    require(pc.mxfp8.recipe in MXFP8_RECIPES, "precision.mxfp8.recipe",
+            f"got {pc.mxfp8.recipe!r}, expected one of {', '.join(MXFP8_RECIPES)}")
+    simulated_rules(pc)  # every format parses; errors name the key
+    require(pc.gemm != "simulated" or cfg.train.dtype == "fp32", "precision.gemm",
+            f"simulated formats need train.dtype=fp32 (got {cfg.train.dtype}): the simulation rounds fp32 operands "
+            "and accumulates in fp32; bf16 compute would add its own rounding to every GEMM")
+    sh = pc.sharpness
+    require(sh.every >= 0, "precision.sharpness.every", "must be >= 0 (0 = off)")
+    require(math.isfinite(sh.epsilon) and sh.epsilon > 0, "precision.sharpness.epsilon", "must be a positive number")
+    require(sh.batches >= 1, "precision.sharpness.batches", "must be >= 1")
+    require(sh.weight_directions >= 0, "precision.sharpness.weight_directions", "must be >= 0 (0 = off)")
+    require(sh.weight_radius > 0, "precision.sharpness.weight_radius", "must be positive")
+    d = pc.divergence
+    require(math.isfinite(d.threshold) and d.threshold > 1.0, "precision.divergence.threshold",
+            f"must be a finite number > 1 (a multiple of the running median), got {d.threshold}")
+    require(d.window >= 1, "precision.divergence.window", "must be >= 1")
+    require(d.warmup >= 0, "precision.divergence.warmup", "must be >= 0")
+    require(d.action in ("record", "stop"), "precision.divergence.action", f"got {d.action!r}, expected record or stop")
+    enabled = {"sharpness": sh.every > 0, "divergence": d.enabled}
+    for name, what in CALLBACK_SECTIONS.items():
+        require(name not in cfg.train.callbacks or enabled[name], "train.callbacks",
+                f"the {name} callback is configured by its section: set {what}")

@@ -33,6 +33,7 @@ BUILTIN_PLUGINS = (
     "exatrain.train.send_tracking",
     "exatrain.eval.eigenscore_run",
     "exatrain.train.precision",
+    "exatrain.train.stability",
     "exatrain.engine.native",
     "exatrain.engine.deepspeed",
 )

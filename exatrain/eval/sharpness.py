@@ -16,6 +16,7 @@ perturbation, as in Li et al.). Parameters are restored bit-for-bit afterwards.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -97,18 +98,28 @@ def weight_sharpness(model: nn.Module, tokens: torch.Tensor, labels: torch.Tenso
 
     Plain (non-DTensor) parameters: run it on a single-process model or a gathered copy.
     """
-    params = [p for p in model.parameters() if p.dim() >= 2]
+    return perturbation_sharpness(list(model.parameters()),
+                                  lambda: _mean_token_loss(model, tokens, labels, model_kwargs),
+                                  n_directions, radius, seed)
+
+
+@torch.no_grad()
+def perturbation_sharpness(parameters: list[torch.Tensor], loss: Callable[[], float], n_directions: int = 8,
+                           radius: float = 0.05, seed: int = 0) -> WeightSharpness:
+    """`loss()` at w + radius·d minus at w, over `n_directions` seeded filter-normalised directions d of the
+    matrices among `parameters` (1-D ones are not perturbed); the parameters are restored bit-for-bit."""
+    params = [p for p in parameters if p.dim() >= 2]
     if any(isinstance(p, DTensor) for p in params):
         raise TypeError("weight_sharpness perturbs plain parameters; evaluate a gathered single-process copy")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     saved = [p.detach().clone() for p in params]
-    base = _mean_token_loss(model, tokens, labels, model_kwargs)
+    base = loss()
     increases = []
     try:
         for _ in range(n_directions):
             for p, w in zip(params, saved):
                 p.copy_(w + radius * filter_normalized_direction(w, generator))
-            increases.append(_mean_token_loss(model, tokens, labels, model_kwargs) - base)
+            increases.append(loss() - base)
     finally:
         for p, w in zip(params, saved):
             p.copy_(w)

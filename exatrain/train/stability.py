@@ -1,0 +1,225 @@
+"""Stability instruments for the precision studies (DESIGN.md §7), as callbacks the `precision:` section switches on.
+
+- `sharpness` (precision.sharpness.every > 0): every N steps and at the last step, Keskar's logit sharpness φ_ε
+  of the last-token logits on fixed validation rows (exatrain.eval.sharpness, closed-form maximiser), plus
+  optionally the loss increase along seeded filter-normalised weight directions (single process only). The
+  forward is the engine's own `eval_loss`, run on every rank, so it works on any layout: a forward hook on the
+  output head captures this rank's logits (under loss parallelism a vocabulary shard, gathered over the TP group
+  for the selected rows only; under pipeline parallelism only the last stage has them), the sums are all-reduced
+  over the world, and every rank logs the same numbers: `sharpness_phi`, `sharpness_ce` (the last-token CE) and
+  `weight_sharpness_mean` / `weight_sharpness_max` in the step record.
+- `divergence` (precision.divergence.enabled): feeds every step's global loss to a DivergenceDetector
+  (exatrain.train.divergence); the first event adds `diverged_at` to that step's record, is logged, and is
+  written to run_dir/divergence.json (which on_train_end always writes, diverged or not, so a grid collects one
+  file per run). action=stop asks the trainer to checkpoint and stop; a resumed diverged run stops again at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Shard
+
+from exatrain.config import ConfigError, DivergenceConfig, JobConfig, SharpnessConfig
+from exatrain.data.batch import IGNORE_INDEX, Batch, split_micro
+from exatrain.eval.sharpness import LogitSharpness, WeightSharpness, max_cross_entropy_in_box, perturbation_sharpness
+from exatrain.registry import CALLBACKS
+from exatrain.train.callback import Callback
+from exatrain.train.divergence import DivergenceDetector
+
+log = logging.getLogger("exatrain")
+
+DIVERGENCE_FILE = "divergence.json"
+
+
+# ---------------------------------------------------------------- sharpness through an engine
+
+
+def _last_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Each row's last labelled position, -1 for a row without labels."""
+    positions = torch.arange(labels.shape[1])
+    return torch.where(labels != IGNORE_INDEX, positions, -1).amax(dim=1)
+
+
+def _world_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def engine_logit_sharpness(engine: Any, micro_batches: list[Batch], epsilon: float) -> LogitSharpness:
+    """φ_ε of the engine's model on `micro_batches` (this rank's rows of a fixed global batch). Collective: every
+    rank calls it with its own rows; every rank gets the global value (rows of all data-parallel ranks)."""
+    lasts = torch.cat([_last_positions(b.labels) for b in micro_batches])
+    targets = torch.cat([b.labels[torch.arange(len(b.labels)), _last_positions(b.labels).clamp(min=0)]
+                         for b in micro_batches])
+    captured: list[tuple[torch.Tensor, Any]] = []
+    seen = [0]
+
+    def capture(mult: float):
+        def hook(_module, _inputs, out):
+            local = out.to_local() if isinstance(out, DTensor) else out
+            n = local.shape[0]
+            idx = lasts[seen[0]:seen[0] + n].to(local.device)
+            seen[0] += n
+            keep = idx >= 0
+            z = local[torch.arange(n, device=local.device)[keep], idx[keep]].float() * mult
+            captured.append((z, out if isinstance(out, DTensor) else None))
+        return hook
+
+    hooks = [part.output.register_forward_hook(capture(getattr(part, "logit_mult", 1.0)))
+             for part in engine.model_parts if getattr(part, "output", None) is not None]
+    try:
+        engine.eval_loss(micro_batches)
+    finally:
+        for h in hooks:
+            h.remove()
+    ce_sum = worst_sum = rows = 0.0
+    if captured:
+        if seen[0] != len(lasts):
+            raise RuntimeError(f"sharpness: the output head saw {seen[0]} rows, expected {len(lasts)}")
+        pieces = []
+        for z, dt in captured:
+            if dt is not None:  # a vocabulary shard (loss parallelism): gather the selected rows over TP
+                vocab = dt.shape[-1]
+                z = DTensor.from_local(z, dt.device_mesh, [Shard(1)], run_check=False,
+                                       shape=torch.Size([z.shape[0], vocab]), stride=(vocab, 1)).full_tensor()
+            pieces.append(z)
+        z = torch.cat(pieces).cpu()
+        t = targets[lasts >= 0]
+        if getattr(engine, "reports_loss", True):  # one rank per (tp, pp) group counts its rows
+            ce_sum = float(F.cross_entropy(z, t, reduction="sum"))
+            worst_sum = float(max_cross_entropy_in_box(z, t, epsilon).sum())
+            rows = float(len(t))
+    ce_sum, worst_sum, rows = _world_sum([ce_sum, worst_sum, rows])
+    loss, worst = ce_sum / max(rows, 1.0), worst_sum / max(rows, 1.0)
+    return LogitSharpness(phi=100.0 * (worst - loss) / (1.0 + loss), loss=loss, max_loss=worst)
+
+
+@torch.no_grad()
+def engine_weight_sharpness(engine: Any, micro_batches: list[Batch], n_directions: int, radius: float,
+                            seed: int) -> WeightSharpness:
+    """Mean token CE increase along seeded filter-normalised weight directions, through `engine.eval_loss`
+    (so autocast and GEMM converters apply). Plain parameters only: a single-process engine."""
+    def loss() -> float:
+        total, count = engine.eval_loss(micro_batches)
+        return total / max(count, 1)
+
+    params = [p for part in engine.model_parts for p in part.parameters()]
+    return perturbation_sharpness(params, loss, n_directions, radius, seed)
+
+
+class Sharpness(Callback):
+    """See the module docstring; config `precision.sharpness`."""
+
+    name = "sharpness"
+
+    def __init__(self, cfg: SharpnessConfig, world_size: int):
+        if cfg.weight_directions and world_size > 1:
+            raise ConfigError(f"precision.sharpness.weight_directions: weight-perturbation sharpness perturbs plain "
+                              f"(unsharded) weights and runs in single-process jobs only (this one has {world_size} "
+                              "ranks); set it to 0, or measure a checkpoint in one process "
+                              "(exatrain.eval.sharpness.weight_sharpness)")
+        self.cfg = cfg
+        self.micro_batches: list[Batch] = []
+
+    @classmethod
+    def from_job(cls, job: JobConfig) -> Sharpness:
+        return cls(job.precision.sharpness, dist.get_world_size() if dist.is_initialized() else 1)
+
+    def on_train_start(self, trainer: Any) -> None:
+        t = trainer.cfg.train
+        batches = trainer.data.val.iter_batches(self.cfg.batches, t.global_batch)
+        self.micro_batches = [m for b in batches for m in split_micro(b, t.micro_batch)]
+
+    def measure(self, trainer: Any) -> dict[str, float]:
+        devices = [trainer.device] if trainer.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # stochastic rounding must not shift the training stream
+            out = {}
+            logit = engine_logit_sharpness(trainer.engine, self.micro_batches, self.cfg.epsilon)
+            out.update(sharpness_phi=logit.phi, sharpness_ce=logit.loss)
+            if self.cfg.weight_directions:
+                w = engine_weight_sharpness(trainer.engine, self.micro_batches, self.cfg.weight_directions,
+                                            self.cfg.weight_radius, self.cfg.seed)
+                out.update(weight_sharpness_mean=w.mean_increase, weight_sharpness_max=w.max_increase)
+        return out
+
+    def on_step_end(self, trainer: Any, stats: Any, record: dict[str, Any]) -> None:
+        step = trainer.state.step
+        if step % self.cfg.every == 0 or step == trainer.cfg.train.steps:
+            record.update(self.measure(trainer))
+
+
+CALLBACKS.register("sharpness", Sharpness.from_job)
+
+
+# ---------------------------------------------------------------- divergence
+
+
+def _number(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)
+
+
+class Divergence(Callback):
+    """See the module docstring; config `precision.divergence`."""
+
+    name = "divergence"
+
+    def __init__(self, cfg: DivergenceConfig):
+        self.cfg = cfg
+        self.detector = DivergenceDetector(cfg.threshold, cfg.window, cfg.warmup)
+
+    def reason(self) -> str:
+        e = self.detector.event
+        where = "" if e.median is None else f" > {self.cfg.threshold} x running median {e.median:.4g}"
+        return f"diverged: {e.reason} {e.loss:.4g}{where} at step {e.step}"
+
+    def on_train_start(self, trainer: Any) -> None:
+        if self.detector.diverged and self.cfg.action == "stop":
+            log.warning("divergence: this run %s (checkpointed); stopping again", self.reason())
+            trainer.request_stop(self.reason())
+
+    def on_step_end(self, trainer: Any, stats: Any, record: dict[str, Any]) -> None:
+        event = self.detector.observe(trainer.state.step, stats.loss)
+        if event is None:
+            return
+        record["diverged_at"] = event.step
+        log.warning("divergence: %s (action %s)", self.reason(), self.cfg.action)
+        self.write(trainer, "diverged")
+        if self.cfg.action == "stop":
+            trainer.request_stop(self.reason())
+
+    def on_train_end(self, trainer: Any, status: str) -> None:
+        self.write(trainer, status)
+
+    def summary(self, steps_done: int, status: str) -> dict[str, Any]:
+        e = self.detector.event
+        return {"diverged": e is not None, "step": None if e is None else e.step,
+                "reason": None if e is None else e.reason, "loss": None if e is None else _number(e.loss),
+                "median": None if e is None else e.median, "steps_done": steps_done, "status": status,
+                "rule": {k: v for k, v in asdict(self.cfg).items() if k != "enabled"}}
+
+    def write(self, trainer: Any, status: str) -> None:
+        if trainer.info.rank == 0:
+            trainer.run_dir.mkdir(parents=True, exist_ok=True)
+            path = trainer.run_dir / DIVERGENCE_FILE
+            path.write_text(json.dumps(self.summary(trainer.state.step, status), indent=1) + "\n")
+
+    def state_dict(self) -> dict[str, Any]:
+        # One JSON string: stored whole by DCP whatever the history length or whether an event exists.
+        return {"detector": json.dumps(self.detector.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict(json.loads(state["detector"]))
+
+
+CALLBACKS.register("divergence", lambda job: Divergence(job.precision.divergence))

@@ -36,8 +36,11 @@ def main(spec_path: str, out_path: str) -> None:
             record = run(case, world, checkpoint_dir=str(Path(out_path).parent / f"ckpt_{case['name']}"))
         except Exception:  # noqa: BLE001 - recorded and reported by the test
             record = {"error": traceback.format_exc()}
+            print(f"rank {rank}, case {case['name']}: {record['error']}", file=sys.stderr, flush=True)
         record["seconds"] = time.perf_counter() - start
         results[case["name"]] = record
+        if rank == 0:
+            print(f"case {case['name']}: {record['seconds']:.1f}s{' ERROR' if 'error' in record else ''}", flush=True)
         dist.barrier()
     if rank == 0:
         torch.save(results, out_path)

@@ -88,7 +88,9 @@ def test_phi_definition_on_a_hand_example():
 
     labels = torch.tensor([[1, 2, 0, -100]])  # the last labelled position is index 2 (target 0)
     s = logit_sharpness(Fixed(), torch.zeros(1, 4, dtype=torch.long), labels, epsilon=eps)
-    f, fmax = F.cross_entropy(z, t).item(), F.cross_entropy(worst, t).item()
+    # computed in float64 (φ is a small difference of two losses)
+    worst64 = torch.tensor([[2.0 - eps * 3, 0.0 + eps * 1, -1.0 + eps * 2]], dtype=torch.float64)
+    f, fmax = F.cross_entropy(z.double(), t).item(), F.cross_entropy(worst64, t).item()
     assert abs(s.phi - 100 * (fmax - f) / (1 + f)) < 1e-9 and s.loss == f
 
 

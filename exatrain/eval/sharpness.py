@@ -67,6 +67,7 @@ def logit_sharpness(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor
                     **model_kwargs) -> LogitSharpness:
     """φ_ε of `model` on a fixed batch (tokens and labels (B, T); labels -100 = ignored)."""
     z, t = last_token_logits(model(tokens, **model_kwargs), labels)
+    z = z.double()  # φ is a small difference of two losses: computed in float64
     loss = F.cross_entropy(z, t).item()
     worst = max_cross_entropy_in_box(z, t, epsilon).mean().item()
     return LogitSharpness(phi=100.0 * (worst - loss) / (1.0 + loss), loss=loss, max_loss=worst)

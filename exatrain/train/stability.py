@@ -58,22 +58,23 @@ def _world_sum(values: list[float]) -> list[float]:
 @torch.no_grad()
 def engine_logit_sharpness(engine: Any, micro_batches: list[Batch], epsilon: float) -> LogitSharpness:
     """φ_ε of the engine's model on `micro_batches` (this rank's rows of a fixed global batch). Collective: every
-    rank calls it with its own rows; every rank gets the global value (rows of all data-parallel ranks)."""
+    rank calls it with its own rows; every rank gets the global value (rows of all data-parallel ranks).
+
+    The output-head hook keeps, per call, the logits at the few distinct last-token positions of the batch, not
+    the whole (rows, T, V) output. A pipeline schedule may run one extra forward first (torch's stage metadata
+    inference, on placeholder inputs), so the rows are matched to the *last* calls afterwards."""
     lasts = torch.cat([_last_positions(b.labels) for b in micro_batches])
     targets = torch.cat([b.labels[torch.arange(len(b.labels)), _last_positions(b.labels).clamp(min=0)]
                          for b in micro_batches])
+    positions = sorted(set(lasts[lasts >= 0].tolist())) or [0]
+    column = {pos: i for i, pos in enumerate(positions)}
     captured: list[tuple[torch.Tensor, Any]] = []
-    seen = [0]
 
     def capture(mult: float):
         def hook(_module, _inputs, out):
             local = out.to_local() if isinstance(out, DTensor) else out
-            n = local.shape[0]
-            idx = lasts[seen[0]:seen[0] + n].to(local.device)
-            seen[0] += n
-            keep = idx >= 0
-            z = local[torch.arange(n, device=local.device)[keep], idx[keep]].float() * mult
-            captured.append((z, out if isinstance(out, DTensor) else None))
+            picked = local[:, torch.tensor(positions, device=local.device)].float() * mult  # (n, P, V_local)
+            captured.append((picked, out if isinstance(out, DTensor) else None))
         return hook
 
     hooks = [part.output.register_forward_hook(capture(getattr(part, "logit_mult", 1.0)))
@@ -85,17 +86,19 @@ def engine_logit_sharpness(engine: Any, micro_batches: list[Batch], epsilon: flo
             h.remove()
     ce_sum = worst_sum = rows = 0.0
     if captured:
-        if seen[0] != len(lasts):
-            raise RuntimeError(f"sharpness: the output head saw {seen[0]} rows, expected {len(lasts)}")
-        pieces = []
-        for z, dt in captured:
-            if dt is not None:  # a vocabulary shard (loss parallelism): gather the selected rows over TP
-                vocab = dt.shape[-1]
-                z = DTensor.from_local(z, dt.device_mesh, [Shard(1)], run_check=False,
-                                       shape=torch.Size([z.shape[0], vocab]), stride=(vocab, 1)).full_tensor()
-            pieces.append(z)
-        z = torch.cat(pieces).cpu()
-        t = targets[lasts >= 0]
+        while sum(len(c) for c, _ in captured) > len(lasts):  # drop leading metadata-inference forwards
+            captured.pop(0)
+        if sum(len(c) for c, _ in captured) != len(lasts):
+            raise RuntimeError(f"sharpness: the output head's calls do not add up to the {len(lasts)} rows fed")
+        keep = lasts >= 0
+        picked = torch.cat([c for c, _ in captured])
+        z = picked[torch.arange(len(lasts))[keep], torch.tensor([column.get(int(p), 0) for p in lasts])[keep]]
+        dt = captured[-1][1]
+        if dt is not None:  # vocabulary shards (loss parallelism): gather the selected rows over TP
+            vocab = dt.shape[-1]
+            z = DTensor.from_local(z.contiguous(), dt.device_mesh, [Shard(1)], run_check=False,
+                                   shape=torch.Size([z.shape[0], vocab]), stride=(vocab, 1)).full_tensor()
+        z, t = z.cpu().double(), targets[keep]  # float64: φ is a small difference of two CE sums
         if getattr(engine, "reports_loss", True):  # one rank per (tp, pp) group counts its rows
             ce_sum = float(F.cross_entropy(z, t, reduction="sum"))
             worst_sum = float(max_cross_entropy_in_box(z, t, epsilon).sum())

@@ -38,11 +38,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from exatrain.config import load_config, parse_config  # noqa: E402
-from exatrain.launch import sweep  # noqa: E402
-from exatrain.train.exmy import ExMy  # noqa: E402
-from exatrain.train.metrics import read_metrics  # noqa: E402
-from exatrain.train.stability import DIVERGENCE_FILE  # noqa: E402
+from exatrain.config import load_config, parse_config
+from exatrain.launch import sweep
+from exatrain.train.exmy import ExMy
+from exatrain.train.metrics import read_metrics
+from exatrain.train.stability import DIVERGENCE_FILE
 
 CONFIG = "studies/precision.yaml"  # shipped in exatrain/configs/
 OUT = REPO / "studies" / "out"
@@ -96,7 +96,8 @@ def run_local(points: list[list[str]], root: Path, jobs: int, extra: list[str]) 
                "checkpoint.resume=never"]
         (root / str(i)).mkdir(parents=True, exist_ok=True)
         with open(root / str(i) / "train.log", "w") as log:
-            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=3600).returncode
+            rc = subprocess.run(cmd, check=False, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                timeout=3600).returncode
         return i, rc, time.perf_counter() - t0
 
     done = 0
@@ -197,14 +198,14 @@ def _fmt(x, spec=".3f") -> str:
 def markdown(result: dict) -> str:
     s, formats, lrs = result["summary"], result["formats"], [float(x) for x in result["lrs"]]
     lines = [f"# Precision stability study ({result['model']})", "",
-             f"{len(result['runs'])} runs: {len(formats)} formats x {len(lrs)} learning rates x {len(result['seeds'])} "
+             (f"{len(result['runs'])} runs: {len(formats)} formats x {len(lrs)} learning rates x {len(result['seeds'])} "
              f"seeds, {result['steps']} steps each ({result['total_seconds'] / 60:.0f} min wall, --jobs "
              f"{result['jobs']}). Simulated GEMM operands (input, weight, output gradient) of every block Linear; "
              "mantissa truncated, exponent range clamped, fp32 accumulation and master weights; LM head and "
-             "embeddings fp32.", "",
+             "embeddings fp32."), "",
              "## Stability table", "",
-             "Cell: diverged/total | median step of divergence | final val loss (median over seeds, non-diverged) "
-             "± half the seed range | final logit sharpness φ (median).", "",
+             ("Cell: diverged/total | median step of divergence | final val loss (median over seeds, non-diverged) "
+             "± half the seed range | final logit sharpness φ (median)."), "",
              "| format | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
              "|---|" + "---|" * len(lrs)]
     for f in formats:
@@ -215,8 +216,8 @@ def markdown(result: dict) -> str:
             at = f" @{c['median_diverged_at']:g}" if c["median_diverged_at"] is not None else ""
             row.append(f"{c['diverged']}/{c['runs']}{at} · {_fmt(c['val_loss'])}{spread} · φ {_fmt(c['sharpness'], '.3f')}")
         lines.append(f"| {f} | " + " | ".join(row) + " |")
-    lines += ["", f"## Learning rates that train well (median final val loss within {s['margin']} nats of fp32's best "
-              f"cell, {_fmt(s['fp32_best'])}; no divergence)", "",
+    lines += ["", (f"## Learning rates that train well (median final val loss within {s['margin']} nats of fp32's best "
+              f"cell, {_fmt(s['fp32_best'])}; no divergence)"), "",
               "| format | exponent bits | mantissa bits | good learning rates | best val loss | diverged runs |",
               "|---|---:|---:|---|---:|---:|"]
     for f in formats:

@@ -52,7 +52,9 @@ ROOT = REPO / "runs" / "studies" / "precision"
 FORMATS = ("fp32", "e8m7", "e8m5", "e8m4", "e8m3", "e5m7", "e5m4", "e5m3", "e4m7", "e4m3")
 LRS = ("3e-4", "1e-3", "3e-3", "1e-2", "3e-2")
 SEEDS = ("0", "1", "2")
-MARGIN = 0.2  # nats: a cell "trains well" if its median final val loss is within this of fp32's best cell
+# nats: a cell "trains well" at margin m if it did not diverge and its median final val loss is within m of fp32's
+# best cell; the width of that LR range per format is reported for each margin
+MARGINS = (0.1, 0.25, 0.5)
 FORMAT_KEY, LR_KEY, SEED_KEY = "precision.simulated.format", "optim.lr", "train.seed"
 
 
@@ -178,17 +180,17 @@ def summarize(runs: list[dict], formats, lrs) -> dict:
     formats_summary = {}
     for f in formats:
         fc = [c for c in cells.values() if c["format"] == f]
-        good = [c["lr"] for c in fc if best is not None and c["val_loss"] is not None and c["diverged"] == 0
-                and c["val_loss"] <= best + MARGIN]
         vals = [c["val_loss"] for c in fc if c["val_loss"] is not None]
         fmt = None if f == "fp32" else ExMy.parse(f)
         formats_summary[f] = {
             "exponent_bits": 8 if fmt is None else fmt.exponent_bits,
             "mantissa_bits": 23 if fmt is None else fmt.mantissa_bits,
-            "good_lrs": good, "best_val": min(vals) if vals else None,
+            "good_lrs": {str(m): [c["lr"] for c in fc if best is not None and c["val_loss"] is not None
+                                  and c["diverged"] == 0 and c["val_loss"] <= best + m] for m in MARGINS},
+            "best_val": min(vals) if vals else None,
             "diverged": sum(c["diverged"] for c in fc), "runs": sum(c["runs"] for c in fc),
         }
-    return {"cells": cells, "formats": formats_summary, "fp32_best": best, "margin": MARGIN}
+    return {"cells": cells, "formats": formats_summary, "fp32_best": best, "margins": list(MARGINS)}
 
 
 def _fmt(x, spec=".3f") -> str:
@@ -216,15 +218,17 @@ def markdown(result: dict) -> str:
             at = f" @{c['median_diverged_at']:g}" if c["median_diverged_at"] is not None else ""
             row.append(f"{c['diverged']}/{c['runs']}{at} · {_fmt(c['val_loss'])}{spread} · φ {_fmt(c['sharpness'], '.3f')}")
         lines.append(f"| {f} | " + " | ".join(row) + " |")
-    lines += ["", (f"## Learning rates that train well (median final val loss within {s['margin']} nats of fp32's best "
-              f"cell, {_fmt(s['fp32_best'])}; no divergence)"), "",
-              "| format | exponent bits | mantissa bits | good learning rates | best val loss | diverged runs |",
-              "|---|---:|---:|---|---:|---:|"]
+    margins = s["margins"]
+    lines += ["", (f"## Learning rates that train well (no divergence, median final val loss within m nats of fp32's "
+              f"best cell, {_fmt(s['fp32_best'])})"), "",
+              "| format | exponent bits | mantissa bits | " + " | ".join(f"m = {m:g}" for m in margins)
+              + " | best val loss | diverged runs |",
+              "|---|---:|---:|" + "---|" * len(margins) + "---:|---:|"]
     for f in formats:
         fs = s["formats"][f]
-        good = ", ".join(f"{x:g}" for x in fs["good_lrs"]) or "none"
-        lines.append(f"| {f} | {fs['exponent_bits']} | {fs['mantissa_bits']} | {good} | {_fmt(fs['best_val'])} | "
-                     f"{fs['diverged']}/{fs['runs']} |")
+        good = [", ".join(f"{x:g}" for x in fs["good_lrs"][str(m)]) or "none" for m in margins]
+        lines.append(f"| {f} | {fs['exponent_bits']} | {fs['mantissa_bits']} | " + " | ".join(good)
+                     + f" | {_fmt(fs['best_val'])} | {fs['diverged']}/{fs['runs']} |")
     return "\n".join(lines) + "\n"
 
 

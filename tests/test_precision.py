@@ -213,6 +213,9 @@ CASES = {
     # rowwise scales the weight-gradient GEMM along the token dimension: one-row pieces on both sides too
     "pp2_fp8_rowwise": ({"layout": PP, "single": ONE_ROW, "overrides": fp8("rowwise")}, "exact"),
     "pp2_simulated_e5m2_grads": ({"layout": PP, "overrides": SIMULATED_E5M2_GRADS}, "exact"),
+    # the converter runs in DeepSpeed's build sequence too (FP8 is refused there by the validator)
+    "deepspeed_zero2_simulated": ({"layout": ["parallel.dp_shard=2", "parallel.engine=deepspeed",
+                                              "parallel.zero_stage=2"], "overrides": SIMULATED}, "exact"),
 }
 EXACT, STEPS_WEIGHTS = 1e-5, 5e-3
 

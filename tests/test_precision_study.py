@@ -57,8 +57,10 @@ def test_collection_counts_divergence_and_the_good_learning_rates(tmp_path):
     assert cell["diverged"] == 2 and cell["median_diverged_at"] == 40.5 and cell["val_loss"] is None
     assert summary["cells"]["e8m3@0.001"]["val_loss"] == pytest.approx(6.105)
     assert summary["fp32_best"] == pytest.approx(6.005)
-    assert summary["formats"]["fp32"]["good_lrs"] == [1e-3] and summary["formats"]["e8m3"]["good_lrs"] == [1e-3]
-    assert summary["formats"]["e4m3"]["good_lrs"] == [] and summary["formats"]["e4m3"]["exponent_bits"] == 4
+    good = {f: summary["formats"][f]["good_lrs"] for f in FORMATS}
+    assert good["fp32"] == {"0.1": [1e-3], "0.25": [1e-3], "0.5": [1e-3, 1e-2]}
+    assert good["e8m3"] == {"0.1": [1e-3], "0.25": [1e-3], "0.5": [1e-3, 1e-2]}
+    assert good["e4m3"] == {"0.1": [], "0.25": [], "0.5": [1e-3]} and summary["formats"]["e4m3"]["exponent_bits"] == 4
     md = study.markdown({"summary": summary, "formats": FORMATS, "lrs": LRS, "seeds": SEEDS, "runs": runs,
                          "model": "fake", "steps": 300, "total_seconds": 60.0, "jobs": 1})
-    assert "| 2/2 @40.5 · – · φ – |" in md and "| fp32 | 8 | 23 | 0.001 |" in md
+    assert "| 2/2 @40.5 · – · φ – |" in md and "| fp32 | 8 | 23 | 0.001 | 0.001 | 0.001, 0.01 |" in md

@@ -238,6 +238,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib import patheffects
 
     s, formats, lrs = result["summary"], result["formats"], [float(x) for x in result["lrs"]]
 
@@ -246,19 +247,20 @@ def plot(result: dict, path: Path) -> None:
                           for lr in lrs] for f in formats], dtype=float)
 
     runs = grid("runs", 0)
-    panels = [("diverged fraction", grid("diverged", 0) / np.maximum(runs, 1), "Reds", ".2f"),
+    panels = [("diverged fraction", grid("diverged", 0) / np.maximum(runs, 1), "Reds", ".2f", (0, 1)),
               (f"final val loss − fp32 best ({_fmt(s['fp32_best'])})", grid("val_loss") - (s["fp32_best"] or 0),
-               "viridis", ".2f"),
-              ("final logit sharpness φ", grid("sharpness"), "magma", ".3f")]
+               "viridis", ".2f", (None, None)),
+              ("final logit sharpness φ", grid("sharpness"), "magma", ".3f", (None, None))]
     fig, axes_ = plt.subplots(1, 3, figsize=(16, 0.45 * len(formats) + 2))
-    for ax, (title, data, cmap, spec) in zip(axes_, panels):
-        im = ax.imshow(data, cmap=cmap, aspect="auto")
+    for ax, (title, data, cmap, spec, (lo, hi)) in zip(axes_, panels):
+        im = ax.imshow(data, cmap=cmap, aspect="auto", vmin=lo, vmax=hi)
         ax.set_xticks(range(len(lrs)), [f"{x:g}" for x in lrs])
         ax.set_yticks(range(len(formats)), formats)
         ax.set(xlabel="learning rate", title=title)
         for (i, j), v in np.ndenumerate(data):
             if np.isfinite(v):
-                ax.text(j, i, format(v, spec), ha="center", va="center", fontsize=7, color="w")
+                ax.text(j, i, format(v, spec), ha="center", va="center", fontsize=7, color="white",
+                        path_effects=[patheffects.withStroke(linewidth=1.5, foreground="black")])
         fig.colorbar(im, ax=ax, shrink=0.8)
     fig.suptitle("Simulated GEMM formats x learning rate (tiny Llama, CPU); rows: E8 mantissa 7→3, then E5, E4")
     fig.tight_layout()

@@ -123,12 +123,20 @@ def step(engine, cfg, micro: list[Batch], device: torch.device) -> float:
     return time.process_time() - t0
 
 
+def high_water_mib() -> float:
+    """This process's peak RSS (VmHWM): unlike ru_maxrss it starts afresh at exec, not at the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def rss_of(model: str, variant: str, extra: list[str]) -> float:
     """Peak RSS (MiB) of a fresh process that builds the variant and trains 2 steps."""
-    code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {str(REPO)!r}); import benchmarks.precision as b, resource;"
+    code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {str(REPO)!r}); import benchmarks.precision as b;"
             f"cfg, e = b.make({model!r}, {variant!r}, {extra!r}, 'cpu'); import torch;"
             "[b.step(e, cfg, m, torch.device('cpu')) for m in b.batches(cfg, 2)];"
-            "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            "print('RSS', b.high_water_mib())")
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO,
                          timeout=900,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})

@@ -284,13 +284,13 @@ class Fp8Config:
     FSDP2 all-gathers the weights in float8 (tensorwise only). power_of_two_scales: round every scale down to a
     power of two (null: the recipe's default, on for the rowwise recipes). float8_tp_styles: torchao's float8
     DTensor styles for the block projections under TP (tensorwise only; not with sequence parallelism on gloo).
-    multiple_of: a Linear with a dimension not divisible by it stays high precision (GPU fp8 GEMMs need 16)."""
+    divisible_by: a Linear with a dimension not divisible by it stays high precision (GPU fp8 GEMMs need 16)."""
 
     recipe: str = "tensorwise"
     fsdp_float8_all_gather: bool = False
     power_of_two_scales: bool | None = None
     float8_tp_styles: bool = False
-    multiple_of: int = 16
+    divisible_by: int = 16
 
 
 @dataclass
@@ -337,25 +337,27 @@ class SharpnessConfig:
     """Sharpness over training (exatrain.train.stability), every `every` steps (0 = off) and at the last step, on
     the first `batches` validation batches (the same rows each time). epsilon: the box radius of Keskar's
     last-token logit sharpness phi_eps. weight_directions > 0 also measures the loss increase along that many
-    seeded, filter-normalised weight directions scaled by weight_radius (single-process runs only)."""
+    filter-normalised weight directions (seeded by direction_seed) scaled by weight_radius (single-process runs
+    only)."""
 
     every: int = 0
     epsilon: float = 1e-3
     batches: int = 1
     weight_directions: int = 0
     weight_radius: float = 0.05
-    seed: int = 0
+    direction_seed: int = 0
 
 
 @dataclass
 class DivergenceConfig:
     """Divergence detection (exatrain.train.stability): a non-finite loss, or after `warmup` steps a loss above
-    `threshold` x the median of the previous `window` losses. action: record (log it, train on) | stop
-    (checkpoint and end the run; a resumed run stays stopped). The first event goes to run_dir/divergence.json."""
+    `threshold` x the median of the previous `median_window` losses. action: record (log it, train on) | stop
+    (checkpoint and end the run with status stopped, never requeued; a resumed run stays stopped). The first
+    event goes to run_dir/divergence.json."""
 
     enabled: bool = False
     threshold: float = 2.0
-    window: int = 50
+    median_window: int = 50
     warmup: int = 100
     action: str = "record"
 

@@ -56,7 +56,7 @@ def test_state_dict_round_trip_resumes_identically():
 
 @pytest.mark.parametrize("kwargs,key", [({"threshold": 1.0}, "precision.divergence.threshold"),
                                         ({"threshold": float("nan")}, "precision.divergence.threshold"),
-                                        ({"window": 0}, "precision.divergence.window"),
+                                        ({"window": 0}, "precision.divergence.median_window"),
                                         ({"warmup": -1}, "precision.divergence.warmup")])
 def test_validation(kwargs, key):
     with pytest.raises(ConfigError, match=key):

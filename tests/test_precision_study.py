@@ -28,7 +28,7 @@ def test_grid_is_the_launch_sweep_layout(tmp_path):
     assert [r.run_dir for r in plan.runs] == [tmp_path.absolute() / str(i) for i in range(12)]
     cfg = plan.runs[5].cfg
     assert cfg.model.converters == ["simulated"] and cfg.train.callbacks == ["divergence", "sharpness"]
-    assert cfg.launch.max_requeues == 0 and plan.slurm.world_size == 1
+    assert plan.slurm.world_size == 1
 
 
 def _fake_run(run_dir: Path, diverged_at: int | None, val: float, phi: float) -> None:
@@ -36,7 +36,7 @@ def _fake_run(run_dir: Path, diverged_at: int | None, val: float, phi: float) ->
     steps = diverged_at or 300
     (run_dir / "divergence.json").write_text(json.dumps({
         "diverged": diverged_at is not None, "step": diverged_at, "reason": "loss spike" if diverged_at else None,
-        "steps_done": steps, "status": "preempted" if diverged_at else "completed"}))
+        "steps_done": steps, "status": "stopped" if diverged_at else "completed"}))
     records = [{"kind": "train", "step": s, "loss": 7.0} for s in range(1, steps + 1)]
     records[-1]["sharpness_phi"] = phi
     records.append({"kind": "eval", "step": steps, "val_loss": val})

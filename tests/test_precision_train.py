@@ -63,7 +63,7 @@ def test_fp8_resume_after_sigkill_is_bitwise_identical(tmp_path, cache):
     """FP8 (tensorwise: stateless dynamic scales) with the sharpness and divergence callbacks on: killed right
     after its step-4 checkpoint and resumed, the run logs the same losses and sharpness as an uninterrupted one."""
     extra = [*FP8, "train.steps=8", "precision.sharpness.every=3", "precision.divergence.enabled=true",
-             "precision.divergence.warmup=2", "precision.divergence.window=4"]
+             "precision.divergence.warmup=2", "precision.divergence.median_window=4"]
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     run(train_cmd(ref_dir, *extra), cache)
     kill_after_checkpoint(train_cmd(killed_dir, *extra), killed_dir, 4, env(cache))
@@ -97,14 +97,14 @@ def test_divergence_stop_ends_the_run_and_a_resume_stays_stopped(tmp_path, cache
     over = ["train.steps=12", "checkpoint.every=0", "precision.divergence.enabled=true",
             "precision.divergence.action=stop"]
     result = _train(tmp_path, *over, callbacks=[PoisonLogits(5)])
-    assert result.status == "preempted" and result.step == 5
+    assert result.status == "stopped" and result.step == 5
     event = json.loads((tmp_path / DIVERGENCE_FILE).read_text())
     assert event["diverged"] and event["step"] == 5 and event["reason"] == "non-finite loss" and event["loss"] == "nan"
-    assert event["steps_done"] == 5 and event["status"] == "preempted"
+    assert event["steps_done"] == 5 and event["status"] == "stopped"
     records = read_metrics(tmp_path / "metrics.jsonl", "train")
     assert [r["step"] for r in records if "diverged_at" in r] == [5] and records[-1]["step"] == 5
     again = _train(tmp_path, *over)  # resumes from the checkpoint written at the stop
-    assert again.status == "preempted" and again.step == 5
+    assert again.status == "stopped" and again.step == 5
     assert read_metrics(tmp_path / "metrics.jsonl", "train")[-1]["step"] == 5
 
     recorded = _train(tmp_path / "record", *over[:-1], callbacks=[PoisonLogits(5)])

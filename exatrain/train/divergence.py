@@ -36,7 +36,7 @@ class DivergenceDetector:
             raise ConfigError(f"{key}.threshold: must be a finite number > 1 (a multiple of the running median), "
                               f"got {threshold}")
         if window < 1:
-            raise ConfigError(f"{key}.window: must be >= 1, got {window}")
+            raise ConfigError(f"{key}.median_window: must be >= 1, got {window}")
         if warmup < 0:
             raise ConfigError(f"{key}.warmup: must be >= 0, got {warmup}")
         self.threshold, self.window, self.warmup = threshold, window, warmup

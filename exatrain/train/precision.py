@@ -235,7 +235,7 @@ def _precompute_scales(part: nn.Module, cfg: JobConfig) -> None:
 def convert_fp8(model: nn.Module, cfg: JobConfig) -> None:
     f = cfg.precision.fp8
     converted = convert_to_fp8(model, f.recipe, cfg.precision.exclude, f.fsdp_float8_all_gather,
-                               f.power_of_two_scales, f.multiple_of)
+                               f.power_of_two_scales, f.divisible_by)
     if f.float8_tp_styles:
         styles = float8_tp_styles()
         for fqn in converted:
@@ -296,7 +296,7 @@ def validate_precision(cfg: JobConfig) -> None:
             "precision.fp8.float8_tp_styles",
             "with sequence parallelism the float8 styles all-gather float8 activations, which gloo cannot "
             "('Invalid scalar type'); on CPU set parallel.sequence_parallel=false or float8_tp_styles=false")
-    require(f.multiple_of >= 1, "precision.fp8.multiple_of", "must be >= 1")
+    require(f.divisible_by >= 1, "precision.fp8.divisible_by", "must be >= 1")
     require(pc.mxfp8.recipe in MXFP8_RECIPES, "precision.mxfp8.recipe",
             f"got {pc.mxfp8.recipe!r}, expected one of {', '.join(MXFP8_RECIPES)}")
     simulated_rules(pc)  # every format parses; errors name the key
@@ -312,7 +312,7 @@ def validate_precision(cfg: JobConfig) -> None:
     d = pc.divergence
     require(math.isfinite(d.threshold) and d.threshold > 1.0, "precision.divergence.threshold",
             f"must be a finite number > 1 (a multiple of the running median), got {d.threshold}")
-    require(d.window >= 1, "precision.divergence.window", "must be >= 1")
+    require(d.median_window >= 1, "precision.divergence.median_window", "must be >= 1")
     require(d.warmup >= 0, "precision.divergence.warmup", "must be >= 0")
     require(d.action in ("record", "stop"), "precision.divergence.action", f"got {d.action!r}, expected record or stop")
     enabled = {"sharpness": sh.every > 0, "divergence": d.enabled}

@@ -11,7 +11,8 @@
 - `divergence` (precision.divergence.enabled): feeds every step's global loss to a DivergenceDetector
   (exatrain.train.divergence); the first event adds `diverged_at` to that step's record, is logged, and is
   written to run_dir/divergence.json (which on_train_end always writes, diverged or not, so a grid collects one
-  file per run). action=stop asks the trainer to checkpoint and stop; a resumed diverged run stops again at once.
+  file per run). action=stop asks the trainer to checkpoint and end the run for good (status "stopped": a Slurm
+  job does not requeue it); a resumed diverged run stops again at once.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ class Sharpness(Callback):
             out.update(sharpness_phi=logit.phi, sharpness_ce=logit.loss)
             if self.cfg.weight_directions:
                 w = engine_weight_sharpness(trainer.engine, self.micro_batches, self.cfg.weight_directions,
-                                            self.cfg.weight_radius, self.cfg.seed)
+                                            self.cfg.weight_radius, self.cfg.direction_seed)
                 out.update(weight_sharpness_mean=w.mean_increase, weight_sharpness_max=w.max_increase)
         return out
 
@@ -179,7 +180,7 @@ class Divergence(Callback):
 
     def __init__(self, cfg: DivergenceConfig):
         self.cfg = cfg
-        self.detector = DivergenceDetector(cfg.threshold, cfg.window, cfg.warmup)
+        self.detector = DivergenceDetector(cfg.threshold, cfg.median_window, cfg.warmup)
 
     def reason(self) -> str:
         e = self.detector.event
@@ -189,7 +190,7 @@ class Divergence(Callback):
     def on_train_start(self, trainer: Any) -> None:
         if self.detector.diverged and self.cfg.action == "stop":
             log.warning("divergence: this run %s (checkpointed); stopping again", self.reason())
-            trainer.request_stop(self.reason())
+            trainer.request_stop(self.reason(), status="stopped")
 
     def on_step_end(self, trainer: Any, stats: Any, record: dict[str, Any]) -> None:
         event = self.detector.observe(trainer.state.step, stats.loss)
@@ -199,7 +200,7 @@ class Divergence(Callback):
         log.warning("divergence: %s (action %s)", self.reason(), self.cfg.action)
         self.write(trainer, "diverged")
         if self.cfg.action == "stop":
-            trainer.request_stop(self.reason())
+            trainer.request_stop(self.reason(), status="stopped")
 
     def on_train_end(self, trainer: Any, status: str) -> None:
         self.write(trainer, status)

@@ -39,6 +39,7 @@ Writes studies/out/send.{json,md,png}; run directories go to runs/studies/send/.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -272,31 +273,35 @@ def paired(runs: list[dict], metric, arm: str) -> dict:
             "wilcoxon_w_plus": w, "wilcoxon_p": p, "sign_flip_p": sign_flip_exact(diffs)}
 
 
-METRICS = {
-    "final rare accuracy": lambda r: r["final"]["accuracy"]["rare"],
-    "final medium accuracy": lambda r: r["final"]["accuracy"]["medium"],
-    "final frequent accuracy": lambda r: r["final"]["accuracy"]["frequent"],
-    "final overall accuracy": lambda r: r["final"]["accuracy"]["all"],
-    "rare accuracy, last mask kept": lambda r: r["history"][-1]["accuracy"]["rare"],
-    "rare-accuracy oscillation (mean |change|)": lambda r: r["oscillation"]["rare"]["mean_abs_change"],
-    "rare-accuracy oscillation (std)": lambda r: r["oscillation"]["rare"]["std"],
-    "rare-accuracy oscillation (detrended std)": lambda r: r["oscillation"]["rare"]["detrended_std"],
-    "rare facts forgotten per evaluation interval": lambda r: r["oscillation"]["rare"]["forget_rate"],
-    "known rare facts forgotten per evaluation interval": lambda r: r["oscillation"]["rare"]["forget_given_known"],
-    "rare facts flipping per evaluation interval": lambda r: r["oscillation"]["rare"]["flip_rate"],
-    "overall-accuracy oscillation (mean |change|)": lambda r: r["oscillation"]["all"]["mean_abs_change"],
-    "all facts forgotten per evaluation interval": lambda r: r["oscillation"]["all"]["forget_rate"],
-    "known facts forgotten per evaluation interval": lambda r: r["oscillation"]["all"]["forget_given_known"],
-    "final mean ES (exact)": lambda r: r["final"]["es"]["exact"],
-    "final mean EES (Chebyshev)": lambda r: r["final"]["es"]["chebyshev"],
-    "final mean ES (SLQ)": lambda r: r["final"]["es"]["slq"],
-    "ES AUROC wrong vs right (exact)": lambda r: r["final"]["es_auroc"]["exact"],
-    "final training loss": lambda r: r["final_loss"],
+METRICS = {  # reported name -> where the value sits in a run's record
+    "final rare accuracy": ("final", "accuracy", "rare"),
+    "final medium accuracy": ("final", "accuracy", "medium"),
+    "final frequent accuracy": ("final", "accuracy", "frequent"),
+    "final overall accuracy": ("final", "accuracy", "all"),
+    "rare accuracy, last mask kept": ("history", -1, "accuracy", "rare"),
+    "rare-accuracy oscillation (mean |change|)": ("oscillation", "rare", "mean_abs_change"),
+    "rare-accuracy oscillation (std)": ("oscillation", "rare", "std"),
+    "rare-accuracy oscillation (detrended std)": ("oscillation", "rare", "detrended_std"),
+    "rare facts forgotten per evaluation interval": ("oscillation", "rare", "forget_rate"),
+    "known rare facts forgotten per evaluation interval": ("oscillation", "rare", "forget_given_known"),
+    "rare facts flipping per evaluation interval": ("oscillation", "rare", "flip_rate"),
+    "overall-accuracy oscillation (mean |change|)": ("oscillation", "all", "mean_abs_change"),
+    "all facts forgotten per evaluation interval": ("oscillation", "all", "forget_rate"),
+    "known facts forgotten per evaluation interval": ("oscillation", "all", "forget_given_known"),
+    "final mean ES (exact)": ("final", "es", "exact"),
+    "final mean EES (Chebyshev)": ("final", "es", "chebyshev"),
+    "final mean ES (SLQ)": ("final", "es", "slq"),
+    "ES AUROC wrong vs right (exact)": ("final", "es_auroc", "exact"),
+    "final training loss": ("final_loss",),
 }
 
 
+def lookup(path: tuple):
+    return lambda record: functools.reduce(lambda node, key: node[key], path, record)
+
+
 def report(runs: list[dict], setup: dict) -> dict:
-    tests = {arm: {name: paired(runs, fn, arm) for name, fn in METRICS.items()} for arm in ARMS if arm != "baseline"}
+    tests = {arm: {name: paired(runs, lookup(path), arm) for name, path in METRICS.items()} for arm in ARMS if arm != "baseline"}
     es_err = {m: statistics.fmean(abs(h["es"][m] - h["es"]["exact"]) for r in runs for h in r["history"])
               for m in ("chebyshev", "slq")}
     return {"setup": setup, "tests": tests, "es_mean_abs_error_vs_exact": es_err, "runs": runs}

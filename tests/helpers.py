@@ -64,3 +64,59 @@ def kill_after_checkpoint(cmd: list[str], run_dir: Path, step: int, env: dict[st
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert target.exists(), f"the run never reached its step-{step} checkpoint"
+
+
+def torchrun_worker(worker: Path, nproc: int, spec: object, tmp: Path, timeout: float,
+                    extra_env: dict[str, str] | None = None, out_name: str = "out.json") -> Path:
+    """Run `worker SPEC.json OUT` under torchrun with `spec` written as JSON; return OUT.
+
+    The launch runs in its own session so a timeout kills every rank; a failure or timeout fails the test
+    with the output's tail. PYTHONPATH puts this checkout first, so the ranks import the code under test."""
+    import pytest
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    spec_path, out = tmp / "spec.json", tmp / out_name
+    spec_path.write_text(json.dumps(spec))
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO),
+               **(extra_env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(worker), str(spec_path), str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=run_env,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{nproc}-process launch of {worker.name} timed out after {timeout}s; "
+                    f"output tail:\n{output[-20000:]}")
+    if proc.returncode != 0 or not out.exists():
+        pytest.fail(f"{nproc}-process launch of {worker.name} failed (rc={proc.returncode}); "
+                    f"output tail:\n{output[-20000:]}")
+    return out
+
+
+def run_worker_cases(cases: list[dict], run_one, write) -> None:
+    """Inside a torchrun worker: run each case on the initialised process group and have rank 0 `write`
+    {name: record}. A case that raises records {"error": traceback} and the other cases still run."""
+    import traceback
+
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    results = {}
+    for case in cases:
+        start = time.perf_counter()
+        try:
+            record = run_one(case)
+            record["seconds"] = round(time.perf_counter() - start, 2)
+        except Exception:  # noqa: BLE001 - reported per case; other cases still run
+            record = {"error": f"rank {rank}: {traceback.format_exc()}"}
+            print(record["error"], file=sys.stderr, flush=True)
+        results[case["name"]] = record
+        if rank == 0:
+            print(f"case {case['name']}: {record}", flush=True)
+    if rank == 0:
+        write(results)
+    dist.barrier()
+    dist.destroy_process_group()

@@ -17,8 +17,6 @@ import json
 import os
 import sys
 import tempfile
-import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from helpers import run_worker_cases  # noqa: E402
 from parallel_common import STEPS, global_batches, n_labels, rank_micro_batches, tiny_cfg  # noqa: E402
 
 from exatrain.engine import build_engine  # noqa: E402
@@ -82,31 +81,22 @@ def replicas_equal(engine, mesh) -> bool:
     return all(v == local for k, v in gathered if k == key)
 
 
+def run_consistent(case: dict, ckpt_root: Path) -> dict:
+    """run_case, plus whether every rank recorded the same numbers."""
+    record = run_case(case, ckpt_root)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, record)
+    record["consistent"] = all(g == record for g in gathered)
+    return record
+
+
 def main() -> None:
     spec, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
     torch.set_num_threads(1)
     ckpt_root = Path(os.environ.get("EXATRAIN_TEST_CKPT") or Path(tempfile.gettempdir()) / f"ckpt_{os.getppid()}")
-    results = {}
-    for case in spec:
-        start = time.perf_counter()
-        try:
-            record = run_case(case, ckpt_root)
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, record)
-            record["consistent"] = all(g == record for g in gathered)
-            record["seconds"] = round(time.perf_counter() - start, 2)
-        except Exception:  # noqa: BLE001 - reported per case; other cases still run
-            record = {"error": f"rank {rank}: {traceback.format_exc()}"}
-            print(record["error"], file=sys.stderr, flush=True)
-        results[case["name"]] = record
-        if rank == 0:
-            print(f"case {case['name']}: {record}", flush=True)
-    if rank == 0:
-        out.write_text(json.dumps(results, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
+    run_worker_cases(spec, lambda case: run_consistent(case, ckpt_root),
+                     lambda results: out.write_text(json.dumps(results, indent=1)))
 
 
 if __name__ == "__main__":

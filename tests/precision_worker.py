@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -22,30 +20,17 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
+from helpers import run_worker_cases
 from precision_common import run
 
 
 def main(spec_path: str, out_path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    results = {}
-    for case in json.loads(Path(spec_path).read_text()):
-        start = time.perf_counter()
-        try:
-            record = run(case, world, checkpoint_dir=str(Path(out_path).parent / f"ckpt_{case['name']}"))
-        except Exception:  # noqa: BLE001 - recorded and reported by the test
-            record = {"error": traceback.format_exc()}
-            print(f"rank {rank}, case {case['name']}: {record['error']}", file=sys.stderr, flush=True)
-        record["seconds"] = time.perf_counter() - start
-        results[case["name"]] = record
-        if rank == 0:
-            print(f"case {case['name']}: {record['seconds']:.1f}s{' ERROR' if 'error' in record else ''}", flush=True)
-        dist.barrier()
-    if rank == 0:
-        torch.save(results, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
+    world = dist.get_world_size()
+    run_worker_cases(json.loads(Path(spec_path).read_text()),
+                     lambda case: run(case, world, checkpoint_dir=str(Path(out_path).parent / f"ckpt_{case['name']}")),
+                     lambda results: torch.save(results, out_path))
 
 
 if __name__ == "__main__":

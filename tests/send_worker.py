@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from helpers import run_worker_cases
 
 from exatrain.config import load_config
 from exatrain.train.callback import Callback
@@ -67,34 +67,24 @@ class Probe(Callback):
                        "holds_mask": len(masks)}
 
 
+def run_case(case: dict, base: list[str], root: Path) -> dict:
+    probe = Probe()
+    cfg = load_config("tiny.yaml", [*base, *case["overrides"], f"run_dir={root / case['name']}"])
+    if case.get("stop_after"):
+        assert train(cfg, callbacks=[StopAfter(case["stop_after"])]).status == "preempted"
+    train(cfg, callbacks=[probe])
+    holds: list = [None] * dist.get_world_size()
+    dist.all_gather_object(holds, probe.result["holds_mask"])
+    return {**probe.result, "holders": sum(holds)}
+
+
 def main() -> None:
     spec, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    rank = dist.get_rank()
     root = Path(os.environ["EXATRAIN_TEST_RUNS"])
-    results = {}
-    for case in spec["cases"]:
-        start = time.perf_counter()
-        probe = Probe()
-        try:
-            cfg = load_config("tiny.yaml", [*spec["base"], *case["overrides"], f"run_dir={root / case['name']}"])
-            if case.get("stop_after"):
-                assert train(cfg, callbacks=[StopAfter(case["stop_after"])]).status == "preempted"
-            train(cfg, callbacks=[probe])
-            holds: list = [None] * dist.get_world_size()
-            dist.all_gather_object(holds, probe.result["holds_mask"])
-            record = {**probe.result, "holders": sum(holds), "seconds": round(time.perf_counter() - start, 1)}
-        except Exception:  # noqa: BLE001 - reported per case; other cases still run
-            record = {"error": f"rank {rank}: {traceback.format_exc()}"}
-            print(record["error"], file=sys.stderr, flush=True)
-        results[case["name"]] = record
-        if rank == 0:
-            print(f"case {case['name']}: {record}", flush=True)
-    if rank == 0:
-        out.write_text(json.dumps(results, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
+    run_worker_cases(spec["cases"], lambda case: run_case(case, spec["base"], root),
+                     lambda results: out.write_text(json.dumps(results, indent=1)))
 
 
 if __name__ == "__main__":

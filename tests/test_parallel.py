@@ -8,9 +8,6 @@ own session under a timeout, so a hang fails the test with the workers' output i
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import torch.distributed.checkpoint as dcp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from helpers import torchrun_worker  # noqa: E402
 from parallel_common import (  # noqa: E402
     STEPS,
     global_batches,
@@ -146,24 +144,9 @@ CASES_COMPILE = {
 
 
 def launch(nproc: int, cases: dict, tmp: Path, timeout: int, extra_env: dict | None = None) -> dict:
-    """Run the worker under torchrun; return {case: record}. Kills the whole process group on timeout."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    spec, out = tmp / "spec.json", tmp / "out.json"
-    spec.write_text(json.dumps([{"name": name, **case} for name, (case, _) in cases.items()]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EXATRAIN_TEST_CKPT": str(tmp), "PYTHONWARNINGS": "ignore",
-           **(extra_env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(WORKER), str(spec), str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{nproc}-process launch timed out after {timeout}s; output tail:\n{output[-20000:]}")
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"{nproc}-process launch failed (rc={proc.returncode}); output tail:\n{output[-20000:]}")
+    """Run the worker under torchrun; return {case: record}."""
+    spec = [{"name": name, **case} for name, (case, _) in cases.items()]
+    out = torchrun_worker(WORKER, nproc, spec, tmp, timeout, {"EXATRAIN_TEST_CKPT": str(tmp), **(extra_env or {})})
     return json.loads(out.read_text())
 
 

@@ -10,9 +10,6 @@ micro-batches (a pipeline splits each micro-batch into one-row pipeline micro-ba
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +23,7 @@ pytest.importorskip("torchao")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from helpers import torchrun_worker  # noqa: E402
 from parallel_common import global_batches, n_labels, one_thread, rank_micro_batches, reference_run, tiny_cfg
 from precision_common import MX, SIMULATED, SIMULATED_E5M2_GRADS, fp8, make_engine, rel_err, run, weight_err
 
@@ -222,24 +220,8 @@ EXACT, STEPS_WEIGHTS = 1e-5, 5e-3
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    import json
-
-    tmp = tmp_path_factory.mktemp("precision")
-    spec, out = tmp / "spec.json", tmp / "out.pt"
-    spec.write_text(json.dumps([{"name": n, **case} for n, (case, _) in CASES.items()]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
-           str(spec), str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"precision launch timed out; output tail:\n{output[-20000:]}")
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"precision launch failed (rc={proc.returncode}); output tail:\n{output[-20000:]}")
+    spec = [{"name": n, **case} for n, (case, _) in CASES.items()]
+    out = torchrun_worker(WORKER, 2, spec, tmp_path_factory.mktemp("precision"), 400, out_name="out.pt")
     return torch.load(out, weights_only=False)
 
 

@@ -9,9 +9,6 @@ loop of tests/parallel_common.py is the reference.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from helpers import torchrun_worker  # noqa: E402
 from parallel_common import STEPS, global_batches, max_rel_err, reference_run, tiny_cfg  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "parallel_worker.py"
@@ -33,20 +31,8 @@ CASES = {
 
 @pytest.mark.slow
 def test_s2_tensor_parallel_matches_single_process(tmp_path):
-    spec, out = tmp_path / "spec.json", tmp_path / "out.json"
-    spec.write_text(json.dumps([{"name": name, "overrides": o} for name, o in CASES.items()]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EXATRAIN_TEST_CKPT": str(tmp_path), "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
-           str(spec), str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"TP=2 launch timed out; output tail:\n{output[-10000:]}")
-    assert proc.returncode == 0 and out.exists(), f"TP=2 launch failed (rc={proc.returncode}):\n{output[-10000:]}"
+    spec = [{"name": name, "overrides": o} for name, o in CASES.items()]
+    out = torchrun_worker(WORKER, 2, spec, tmp_path, 300, {"EXATRAIN_TEST_CKPT": str(tmp_path)})
     results = json.loads(out.read_text())
     cfg = tiny_cfg(S2)
     batches = global_batches(cfg, STEPS + 1)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import REPO, TINY, env, run, train_cmd
+from helpers import REPO, TINY, env, run, torchrun_worker, train_cmd
 
 from exatrain import cli
 from exatrain.config import load_config
@@ -117,25 +116,10 @@ def references(work) -> dict[str, dict]:
 
 def launch(nproc: int, cases: dict, work: Path, timeout: int) -> dict:
     tmp = work / f"launch{nproc}"
-    tmp.mkdir()
-    spec, out = tmp / "spec.json", tmp / "out.json"
-    spec.write_text(json.dumps({"base": base(work), "cases": [
+    spec = {"base": base(work), "cases": [
         {"name": name, "overrides": METHODS[case[0]] + case[1], "stop_after": case[3] if len(case) > 3 else 0}
-        for name, case in cases.items()]}))
-    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "EXATRAIN_TEST_RUNS": str(tmp), "PYTHONWARNINGS": "ignore",
-               "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(WORKER), str(spec), str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=run_env,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{nproc}-process launch timed out after {timeout}s; output tail:\n{output[-20000:]}")
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"{nproc}-process launch failed (rc={proc.returncode}); output tail:\n{output[-20000:]}")
+        for name, case in cases.items()]}
+    out = torchrun_worker(WORKER, nproc, spec, tmp, timeout, {"EXATRAIN_TEST_RUNS": str(tmp)})
     return {name: {**rec, "run_dir": tmp / name} for name, rec in json.loads(out.read_text()).items()}
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -49,13 +49,22 @@ OPTIM_STATE_DICT = StateDictOptions(flatten_optimizer_state_dict=True)
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _counts_once(p: torch.Tensor, coords: dict[str, int], sharded_dims: set[str]) -> bool:
+def _counts_once(p: torch.Tensor, coords: dict[str, int]) -> bool:
     """Whether this rank adds `p`'s local gradient to the norm: a tensor replicated over a mesh dim is
     counted by that dim's rank 0 only."""
+    sharded_dims: set[str] = set()
     if isinstance(p, DTensor):
-        sharded_dims = sharded_dims | {d for d, pl in zip(p.device_mesh.mesh_dim_names, p.placements)
-                                       if not pl.is_replicate()}
+        sharded_dims = {d for d, pl in zip(p.device_mesh.mesh_dim_names, p.placements) if not pl.is_replicate()}
     return all(c == 0 for d, c in coords.items() if d not in sharded_dims)
+
+
+def _sum_squares(grads: Iterable[tuple[torch.Tensor, torch.Tensor]], coords: dict[str, int]) -> torch.Tensor:
+    """Σ‖g‖² in float64 over (placement reference, local gradient) pairs, each shard counted once on the mesh."""
+    sq = torch.zeros((), dtype=torch.float64)
+    for ref, g in grads:
+        if _counts_once(ref, coords):
+            sq += torch.linalg.vector_norm(g, dtype=torch.float64).cpu() ** 2
+    return sq
 
 
 class LocalOptimizer:
@@ -70,11 +79,8 @@ class LocalOptimizer:
         """Gradients are already reduced (FSDP2 in backward) or need no reduction (no data parallelism)."""
 
     def grad_sq_sum(self) -> torch.Tensor:
-        sq = torch.zeros((), dtype=torch.float64)
-        for p in self.part.parameters():
-            if p.grad is not None and _counts_once(p.grad, self.coords, set()):
-                sq += torch.linalg.vector_norm(local(p.grad), dtype=torch.float64).cpu() ** 2
-        return sq
+        return _sum_squares(((p.grad, local(p.grad)) for p in self.part.parameters() if p.grad is not None),
+                            self.coords)
 
     @torch.no_grad()
     def scale_grads(self, coef: float) -> None:
@@ -151,12 +157,8 @@ class ZeroOneOptimizer:
             self.masters[p].grad = part[: s.stop - s.start]  # views of one buffer, 1/dp of the model
 
     def grad_sq_sum(self) -> torch.Tensor:
-        sq = torch.zeros((), dtype=torch.float64)
-        for p in self.params:
-            g = self.masters[p].grad
-            if g is not None and _counts_once(p, self.coords, set()):
-                sq += torch.linalg.vector_norm(g, dtype=torch.float64).cpu() ** 2
-        return sq
+        return _sum_squares(((p, self.masters[p].grad) for p in self.params if self.masters[p].grad is not None),
+                            self.coords)
 
     @torch.no_grad()
     def scale_grads(self, coef: float) -> None:

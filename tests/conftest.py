@@ -7,6 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
+from parallel_common import one_thread
 
 LOCAL_CLUSTER = Path(__file__).resolve().parent.parent / "slurm" / "local-cluster.sh"
 
@@ -36,3 +38,12 @@ def slurm_cluster():
                         f"exited {proc.returncode}):\n{(proc.stdout + proc.stderr)[-2000:]}")
     yield
     _cluster("down", 120)
+
+
+@pytest.fixture
+def single_process():
+    """World-size-1 engines create a private single-rank process group; tear it down afterwards."""
+    with one_thread():
+        yield
+    if dist.is_initialized():
+        dist.destroy_process_group()

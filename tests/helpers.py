@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from exatrain.train.callback import Callback
+
 REPO = Path(__file__).resolve().parent.parent
 
 TINY = [
@@ -120,3 +122,15 @@ def run_worker_cases(cases: list[dict], run_one, write) -> None:
         write(results)
     dist.barrier()
     dist.destroy_process_group()
+
+
+class StopAfter(Callback):
+    """Requests a stop (as a preemption signal would, or a method ending the run) once `step` steps are done."""
+
+    def __init__(self, step: int, status: str = "preempted"):
+        self.step, self.status = step, status
+        self.name = f"stop_after_{status}"
+
+    def on_step_end(self, t, stats, record):
+        if t.state.step == self.step:
+            t.request_stop("test stop", self.status)

@@ -21,21 +21,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from helpers import run_worker_cases
+from helpers import StopAfter, run_worker_cases
 
 from exatrain.config import load_config
 from exatrain.train.callback import Callback
 from exatrain.train.send import find_masks
 from exatrain.train.trainer import train
-
-
-class StopAfter(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, stats, record):
-        if trainer.state.step == self.step:
-            trainer.request_stop("test preemption")
 
 
 class Probe(Callback):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,7 +23,6 @@ from parallel_common import (  # noqa: E402
     global_batches,
     max_rel_err,
     n_labels,
-    one_thread,
     rank_micro_batches,
     reference_run,
     tiny_cfg,
@@ -223,15 +221,6 @@ def test_compile_with_tensor_parallel_gradients(tmp_path):
     for attempt in ("cold", "warm"):
         results = launch(2, CASES_COMPILE, tmp_path / attempt, timeout=280, extra_env=cache)
         check(results, CASES_COMPILE, "tp2_compile")
-
-
-@pytest.fixture
-def single_process():
-    """World-size-1 engines create a private single-rank process group; tear it down afterwards."""
-    with one_thread():
-        yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _engine(overrides: list[str] = ()):

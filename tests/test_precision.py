@@ -24,7 +24,7 @@ pytest.importorskip("torchao")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import torchrun_worker  # noqa: E402
-from parallel_common import global_batches, n_labels, one_thread, rank_micro_batches, reference_run, tiny_cfg
+from parallel_common import global_batches, n_labels, rank_micro_batches, reference_run, tiny_cfg
 from precision_common import MX, SIMULATED, SIMULATED_E5M2_GRADS, fp8, make_engine, rel_err, run, weight_err
 
 from exatrain.config import ConfigError, ModelConfig
@@ -35,14 +35,6 @@ WORKER = Path(__file__).resolve().parent / "precision_worker.py"
 DP = ["parallel.dp_shard=2"]
 TP = ["parallel.tp=2", "parallel.dp_shard=1"]
 PP = ["parallel.pp=2", "parallel.dp_shard=1"]
-
-
-@pytest.fixture
-def single_process():
-    with one_thread():
-        yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def world_one(spec: dict) -> dict:

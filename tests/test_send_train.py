@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import REPO, TINY, env, run, torchrun_worker, train_cmd
+from helpers import REPO, TINY, StopAfter, env, run, torchrun_worker, train_cmd
 
 from exatrain import cli
 from exatrain.config import load_config
@@ -190,15 +190,6 @@ class CheckTracking(Callback):
             self.zeroed += 1
         torch.testing.assert_close(send.window.snapshots[-1][:, keep], states[:, keep], rtol=1e-5, atol=1e-6)
         self.checked += 1
-
-
-class StopAfter(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, t, stats, record):
-        if t.state.step == self.step:
-            t.request_stop("test preemption")
 
 
 ZERO = [*TINY, "send.enabled=true", "send.site=mlp", "send.variant=zero_weights", "send.interval=6",

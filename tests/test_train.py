@@ -13,7 +13,7 @@ from exatrain.config import load_config
 from exatrain.train import trainer
 from exatrain.train.callback import Callback
 from exatrain.train.checkpoint import Checkpointer, CheckpointError, list_checkpoints
-from helpers import TINY, env, kill_after_checkpoint, losses, run, torchrun_cmd, train_cmd
+from helpers import TINY, StopAfter, env, kill_after_checkpoint, losses, run, torchrun_cmd, train_cmd
 
 
 @pytest.fixture(scope="module")
@@ -100,18 +100,6 @@ def test_incompatible_checkpoint_names_the_difference(tmp_path, cache, reference
     cfg = load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path}", "train.steps=20", "model.n_layers=3"])
     with pytest.raises(CheckpointError, match="model.n_layers: checkpoint 2 vs run 3"):
         trainer.train(cfg)
-
-
-class StopAfter(Callback):
-    """Requests a stop (as a preemption signal would, or a method ending the run) once `step` steps are done."""
-
-    def __init__(self, step: int, status: str = "preempted"):
-        self.step, self.status = step, status
-        self.name = f"stop_after_{status}"
-
-    def on_step_end(self, t, stats, record):
-        if t.state.step == self.step:
-            t.request_stop("test stop", self.status)
 
 
 def test_stop_request_checkpoints_and_resumes(tmp_path, cache, reference):

@@ -1,0 +1,331 @@
+"""Per-rank memory of one training step for a job and a layout (DESIGN.md §12).
+
+Bytes are derived for exatrain's own Llama block (exatrain/model/llama.py) and engines, not for
+GPT's: what autograd saves was read off the code and checked tensor by tensor (tests/test_planner_memory.py,
+benchmarks/planner_memory.py). Per token of a micro-batch, per layer, with e bytes per activation
+(bf16 2, fp32 4), t = TP degree, t_sp = t under sequence parallelism else 1:
+
+  no recompute   norms 2·(4h [fp32 input copy] + 4h [normalised, CPU only: on GPU rms_norm is one fused op]
+                 + 4 [rstd]) / t_sp, inputs of wq/wk/wv and of w1/w3 2·e·h (all-gathered under SP, whole),
+                 attention q, k, v, out, wo input e·(h + 2·kv' + h + h)/t + 4·heads/t (logsumexp) where
+                 kv' = h for SDPA (GQA heads are expanded before it) and the KV width for flash-attn, and
+                 the wo input shares the attention output's storage except on CPU; SwiGLU 4·e·ffn/t.
+                 Korthikanti et al. (2022, Table 2) write sbh(34 + 5as/h) for GPT (fp16, 4h GELU MLP,
+                 materialised scores); ours has no score matrix (flash/SDPA) but keeps fp32 norm inputs.
+  selective      torch's op-level SAC keeps the block input, every mm/SDPA/collective output: wq/wk/wv
+                 e·(h + 2·kv)/t, SDPA out + logsumexp, w1/w3 2·e·ffn/t, and, under TP, the two all-gathered
+                 inputs and the two row-parallel partial sums whole (4·e·h), plus the reduce-scatter
+                 outputs. Megatron's selective recompute re-gathers instead (34·sbh/t, Korthikanti Table 2).
+  full           the block input e·h/t_sp (Korthikanti: 2sbh/t).
+
+Schedules: micro-batches in flight on pipeline rank r are read off torch.distributed.pipelining's
+own action lists (checked in the tests): GPipe m, 1F1B min(pp − r, m), Interleaved1F1B
+min(v·m, (v−1)·pp + 2(pp−1−r) + 1) chunk-micro-batches (Megatron's 1 + (pp−1)/(pp·v) factor),
+InterleavedZeroBubble min(v·m, v·pp) and ZBVZeroBubble min(2m, 2pp) (weight-gradient inputs live
+until W), each chunk holding 1/v of the rank's layers.
+
+Model states per local parameter (after TP, before DP): native FSDP2 shards fp32 params, fp32
+gradients and AdamW's two fp32 moments (16/dp_shard; under bf16 the sharded fp32 params are the
+master copy) and all-gathers compute-dtype copies (two units in flight under ZeRO-3, all of them
+from forward to backward under zero_stage=2; the root unit of embedding/head is never resharded
+after forward); under PP torch's pipelining disables FSDP's reshard-after-backward and gradient
+sync until the last micro-batch, so a stage also holds all its unsharded params and fp32 unsharded
+gradient accumulators. ZeRO-1 (Megatron's distributed optimizer, the Frontier paper's layout): e
+bytes of params + 4 of fp32 gradients + 12/dp (fp32 master + moments; 8/dp in fp32). DeepSpeed
+ZeRO-1/2/3 as in benchmarks/parallel_memory.py (fp32 master + moments = 12/dp, params/grads by stage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from exatrain.bench.layout import Layout
+from exatrain.config import JobConfig
+from exatrain.model.llama import ffn_hidden_dim
+from exatrain.parallel.dims import ParallelDims
+from exatrain.parallel.pipeline import local_stage_ids, stage_layer_counts
+
+GIB = 2**30
+DS_REDUCE_BUCKET = 5e8  # DeepSpeed reduce_bucket_size default (elements)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Device-dependent kernel facts that change what autograd saves."""
+
+    fused_rms_norm: bool  # torch's rms_norm is one fused op on CUDA/ROCm (saves input + rstd), decomposed on CPU
+    attention_out_copy: bool  # CPU SDPA returns a layout whose reshape for wo copies; GPU kernels share storage
+    foreach_adam: bool  # AdamW defaults to foreach on GPU (one param-group-sized temporary), per tensor on CPU
+
+    @classmethod
+    def for_device(cls, device: str) -> Kernels:
+        gpu = device != "cpu"
+        return cls(fused_rms_norm=gpu, attention_out_copy=not gpu, foreach_adam=gpu)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The model facts the formulas need, from the job config."""
+
+    h: int
+    layers: int
+    heads: int
+    kv: int  # n_kv_heads x head_dim
+    head_dim: int
+    ffn: int
+    vocab: int
+    seq: int
+    tied: bool
+    e: int  # bytes per activation / compute-dtype element
+    attention: str
+
+    @classmethod
+    def of(cls, cfg: JobConfig) -> Shape:
+        m = cfg.model
+        if m.attention not in ("sdpa", "flash"):
+            raise ValueError(f"the memory model covers model.attention=sdpa|flash, not {m.attention!r}")
+        vocab = m.vocab_size if m.vocab_size > 0 else cfg.data.tokenizer.vocab_size
+        hd = m.dim // m.n_heads
+        return cls(m.dim, m.n_layers, m.n_heads, (m.n_kv_heads or m.n_heads) * hd, hd, ffn_hidden_dim(m), vocab,
+                   cfg.data.seq_len, m.tie_embeddings, 2 if cfg.train.dtype == "bf16" else 4, m.attention)
+
+    def layer_params(self, tp: int) -> float:
+        """One block's parameters on one TP rank (norm weights are replicated)."""
+        return (2 * self.h * self.h + 2 * self.h * self.kv + 3 * self.h * self.ffn) / tp + 2 * self.h
+
+    def vocab_params(self, tp: int) -> float:
+        return self.vocab * self.h / tp
+
+
+def autocast(s: Shape, lay: Layout) -> bool:
+    """bf16 without FSDP runs under torch.autocast (fp32 weights and residual stream, bf16 matmuls)."""
+    return s.e == 2 and lay.engine == "native" and lay.dp == 1
+
+
+def residual_bytes(s: Shape, lay: Layout) -> int:
+    """Bytes per element of the residual stream between blocks (fp32 under autocast)."""
+    return 4 if autocast(s, lay) else s.e
+
+
+def layer_activation_bytes(s: Shape, lay: Layout, k: Kernels, mode: str | None = None) -> float:
+    """Bytes one block keeps from forward to backward, per token of the micro-batch, on one rank.
+    Under autocast each of wq/wk/wv and w1/w3 saves its own bf16 cast of the shared input (3·e·h more)."""
+    mode = mode or lay.activation_checkpointing
+    e, h, t = s.e, s.h, lay.tp
+    tsp = t if lay.sp else 1
+    block_input = residual_bytes(s, lay) * h / tsp
+    if mode == "full":
+        return block_input
+    if mode == "selective":
+        if t == 1:
+            whole = 2 * e * h  # wo and w2 outputs
+        elif lay.sp:  # 2 all-gathered norm outputs (residual dtype) + 2 partial sums, + 2 reduce-scatter outputs
+            whole = 2 * residual_bytes(s, lay) * h + 2 * e * h + 2 * e * h / t
+        else:
+            whole = 4 * e * h  # 2 partial sums + 2 all-reduce outputs
+        attn = (e * h + 4 * s.heads) / t if s.attention == "sdpa" else 0.0  # flash-attn is not an aten SAC op
+        return block_input + whole + e * (h + 2 * s.kv) / t + attn + 2 * e * s.ffn / t
+    norms = 2 * (4 * h + (0 if k.fused_rms_norm else 4 * h) + 4) / tsp
+    kvx = h if s.attention == "sdpa" else s.kv
+    attn = e * (2 * h + 2 * kvx + (h if k.attention_out_copy else 0)) / t + 4 * s.heads / t
+    inputs = (5 if autocast(s, lay) else 2) * e * h
+    return norms + inputs + attn + 4 * e * s.ffn / t
+
+
+def stage_io_bytes(s: Shape, lay: Layout, first: bool) -> float:
+    """Per token per micro-batch in flight on a stage, outside the blocks: RoPE cos/sin (fp32, shared by
+    all layers), the pipeline's retained stage input/output, token ids and positions on the first stage."""
+    tsp = lay.tp if lay.sp else 1
+    out = 4.0 * s.head_dim
+    if lay.pp > 1:
+        out += 2 * residual_bytes(s, lay) * s.h / tsp
+    if first:
+        out += 24.0  # int64 tokens, positions, document ids
+    return out
+
+
+def head_bytes(s: Shape, lay: Layout, k: Kernels) -> tuple[float, float]:
+    """(kept, transient) per token of one micro-batch on the last stage: final norm, head input, and the
+    logits: fp32 log-softmax kept for backward; bf16 logits, their fp32 copy and gradients at the peak."""
+    tsp = lay.tp if lay.sp else 1
+    vl = s.vocab / lay.tp if lay.tp > 1 else s.vocab  # loss parallel keeps logits vocab-sharded
+    norm = (4 * s.h + (0 if k.fused_rms_norm else 4 * s.h) + 4) / tsp
+    kept = norm + s.e * s.h + 4 * vl
+    transient = (s.e + 4 + 4) * vl if s.e == 2 else 8 * vl
+    return kept, transient
+
+
+def in_flight(lay: Layout, m: int, rank: int) -> int:
+    """Chunk-micro-batches whose activations pipeline rank `rank` holds at its peak."""
+    pp, v = lay.pp, lay.virtual_stages
+    if pp == 1:
+        return 1
+    sched = lay.schedule
+    if sched == "GPipe":
+        return m
+    if sched == "1F1B":
+        return min(pp - rank, m)
+    if sched == "Interleaved1F1B":
+        return min(v * m, (v - 1) * pp + 2 * (pp - 1 - rank) + 1)
+    if sched == "InterleavedZeroBubble":
+        return min(v * m, v * pp)
+    if sched == "ZBVZeroBubble":
+        return min(2 * m, 2 * pp)
+    raise ValueError(f"unknown pipeline schedule {sched!r}")
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes on one rank at its peak; `transient` is the largest short-lived allocation on top."""
+
+    pp_rank: int
+    params: float
+    grads: float
+    optimizer: float
+    buffers: float  # unsharded FSDP/ZeRO-3 copies, autocast weight casts, DeepSpeed buckets
+    activations: float
+    transient: float
+    optimizer_step: float  # the peak during the optimizer step (activations freed)
+    grads_in_backward: bool  # gradients exist while activations do (accumulation, persistent buffers)
+
+    @property
+    def states(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def backward_peak(self) -> float:
+        grads = self.grads if self.grads_in_backward else 0.0
+        return self.params + grads + self.optimizer + self.buffers + self.activations + self.transient
+
+    @property
+    def peak(self) -> float:
+        return max(self.backward_peak, self.optimizer_step)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    ranks: list[RankMemory]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def worst(self) -> RankMemory:
+        return max(self.ranks, key=lambda r: r.peak)
+
+    @property
+    def peak(self) -> float:
+        return self.worst.peak
+
+
+def _stage_plan(s: Shape, lay: Layout) -> list[tuple[int, bool, bool, int]]:
+    """(layers, has embedding, has head, local chunks) for every pipeline rank."""
+    dims = ParallelDims(lay.pp, lay.dp_replicate, lay.dp_shard, lay.tp, lay.world, lay.virtual_stages, 1)
+    counts = stage_layer_counts(s.layers, dims.n_stages, [])
+    out = []
+    for r in range(lay.pp):
+        ids = local_stage_ids(r, dims, lay.schedule) if lay.pp > 1 else [0]
+        out.append((sum(counts[i] for i in ids), 0 in ids, dims.n_stages - 1 in ids, len(ids)))
+    return out
+
+
+def _states(s: Shape, lay: Layout, p: float, unit: float, root: float, embed: float) -> tuple[float, ...]:
+    """(params, grads, optimizer, held buffers, transient buffers) bytes for `p` local parameters; `unit` is
+    one block, `root` the root FSDP unit (embedding, final norm, head), `embed` the embedding's share of `p`."""
+    e, dp, ds, bf16 = s.e, lay.dp, lay.dp_shard, s.e == 2
+    shard = lay.sharding
+    if lay.engine == "deepspeed":
+        master = 12 * p / dp
+        if shard == "zero3":
+            return e * p / dp, e * p / dp, master, 0.0, 2 * e * unit
+        grads = e * p if shard in ("none", "zero1") else e * p / dp + e * min(p, DS_REDUCE_BUCKET)
+        return e * p, grads, master, 0.0, 0.0
+    if shard == "zero1":
+        return e * p, 4 * p, (12 if bf16 else 8) * p / dp, 0.0, 0.0
+    if lay.dp == 1:  # autocast keeps a bf16 cast of every matmul weight (not the embedding lookup) until backward
+        return 4 * p, 4 * p, 8 * p, (2 * (p - embed) if autocast(s, lay) else 0.0), 0.0
+    sharded = 4 * p / ds
+    if lay.pp > 1:  # pipelining keeps every unit unsharded and accumulates fp32 unsharded grads until the last
+        return sharded, sharded, 2 * sharded, e * p + 4 * p, 0.0
+    largest = max(unit, root)
+    if lay.zero_stage == 2:  # gathered from forward to backward; one unit's unsharded grads in flight
+        return sharded, sharded, 2 * sharded, e * p, e * largest
+    # root unsharded through forward and backward, current + prefetched block, one unit's unsharded grads
+    return sharded, sharded, 2 * sharded, 0.0, e * (root + 2 * unit + largest)
+
+
+def _adam_temporary(s: Shape, lay: Layout, k: Kernels, p: float, layers: int) -> float:
+    """AdamW's step temporaries: foreach (GPU) allocates one fp32 tensor per parameter of the largest
+    group (the hidden matrices) at once; per-tensor (CPU) about two of the largest tensor."""
+    if lay.sharding in ("none",) or lay.engine == "native" and lay.sharding == "zero1":
+        opt_div = 1 if lay.sharding == "none" else lay.dp
+    else:
+        opt_div = lay.dp if lay.engine == "deepspeed" else lay.dp_shard
+    if k.foreach_adam:
+        hidden = layers * (s.layer_params(lay.tp) - 2 * s.h)
+        return 4 * hidden / opt_div
+    largest = max(s.vocab_params(lay.tp), s.h * s.ffn / lay.tp)
+    return 8 * largest / opt_div
+
+
+def estimate_memory(cfg: JobConfig, lay: Layout, kernels: Kernels | None = None) -> MemoryEstimate:
+    """Peak bytes of every pipeline rank (ranks of one stage are alike up to a few norm weights)."""
+    s = Shape.of(cfg)
+    k = kernels or Kernels.for_device("cpu")
+    m = lay.microbatches(cfg.train.global_batch) if lay.pp > 1 else 1
+    tokens = lay.micro_batch * s.seq
+    per_layer = layer_activation_bytes(s, lay, k)
+    if lay.activation_checkpointing == "selective" and lay.pp > 1 and lay.schedule in (
+            "InterleavedZeroBubble", "ZBVZeroBubble"):
+        # split backward forbids op-level SAC: every other block is fully checkpointed instead
+        per_layer = (layer_activation_bytes(s, lay, k, "full") + layer_activation_bytes(s, lay, k, "none")) / 2
+    recompute = layer_activation_bytes(s, lay, k, "none") - per_layer  # one block re-run in backward
+    ranks = []
+    for r, (layers, first, last, chunks) in enumerate(_stage_plan(s, lay)):
+        held = in_flight(lay, m, r)
+        p = layers * s.layer_params(lay.tp)
+        root = (s.vocab_params(lay.tp) if first else 0) + (s.vocab_params(lay.tp) + s.h if last else 0)
+        if s.tied and first and last:
+            root -= s.vocab_params(lay.tp)
+        p += root
+        embed = s.vocab_params(lay.tp) if first else 0.0
+        params, grads, opt, buffers, unit_transient = _states(s, lay, p, s.layer_params(lay.tp), root, embed)
+        acts = held * tokens * (per_layer * layers / chunks + stage_io_bytes(s, lay, first))
+        transient = max(recompute * tokens, unit_transient)
+        if last:
+            kept, peak = head_bytes(s, lay, k)
+            logits_held = m if lay.schedule == "GPipe" and lay.pp > 1 else 1
+            acts += logits_held * kept * tokens
+            transient = max(transient, unit_transient + peak * tokens)
+        if first and lay.tp > 1:  # DTensor's embedding backward builds the whole-vocabulary gradient on every TP rank
+            grad_e = 4 if lay.dp == 1 or lay.engine == "deepspeed" else s.e
+            transient = max(transient, grad_e * s.vocab * s.h * (1 - 1 / lay.tp))
+        # one micro-batch: gradients are created while backward frees the activations
+        held_grads = not (lay.microbatches(cfg.train.global_batch) == 1 and lay.engine == "native"
+                          and lay.sharding != "zero1")
+        step = params + grads + opt + _adam_temporary(s, lay, k, p, layers)
+        if first and lay.tp > 1:  # AdamW on the vocab-sharded embedding materialises a whole-vocabulary fp32 tensor
+            step += 4 * s.vocab * s.h * (1 - 1 / lay.tp)
+        ranks.append(RankMemory(r, params, grads, opt, buffers, acts, transient, step, held_grads))
+    notes = []
+    if lay.sharding == "zero1":
+        notes.append("ZeRO-1 with the native engine is not implemented yet (Megatron distributed-optimizer bytes)")
+    return MemoryEstimate(ranks, notes)
+
+
+def korthikanti_activation_bytes(s: int, b: int, h: int, a: int, layers: int, t: int, sp: bool,
+                                 recompute: str) -> float:
+    """All layers' activation bytes of a GPT model per Korthikanti et al. 2022, Table 2 (16-bit, with
+    dropout masks and materialised attention scores); recompute none | selective | full."""
+    sbh = s * b * h
+    if recompute == "full":
+        per = 2 * sbh / (t if sp else 1)
+    elif recompute == "selective":
+        per = 34 * sbh / t if sp else sbh * (10 + 24 / t)
+    elif sp:
+        per = sbh / t * (34 + 5 * a * s / h)
+    else:
+        per = sbh * (10 + 24 / t + 5 * a * s / (h * t))
+    return per * layers
+
+
+def gib(x: float) -> float:
+    return x / GIB

@@ -216,14 +216,15 @@ class MemoryEstimate:
         return self.worst.peak
 
 
-def _stage_plan(s: Shape, lay: Layout) -> list[tuple[int, bool, bool, int]]:
-    """(layers, has embedding, has head, local chunks) for every pipeline rank."""
+def _stage_plan(s: Shape, lay: Layout, all_ranks: bool = True) -> dict[int, tuple[int, bool, bool, int]]:
+    """pp rank -> (layers, has embedding, has head, local chunks). Without `all_ranks` only the first and
+    last ranks, which bound every other (most layers, most micro-batches in flight, embedding; head)."""
     dims = ParallelDims(lay.pp, lay.dp_replicate, lay.dp_shard, lay.tp, lay.world, lay.virtual_stages, 1)
     counts = stage_layer_counts(s.layers, dims.n_stages, [])
-    out = []
-    for r in range(lay.pp):
+    out = {}
+    for r in range(lay.pp) if all_ranks else sorted({0, lay.pp - 1}):
         ids = local_stage_ids(r, dims, lay.schedule) if lay.pp > 1 else [0]
-        out.append((sum(counts[i] for i in ids), 0 in ids, dims.n_stages - 1 in ids, len(ids)))
+        out[r] = (sum(counts[i] for i in ids), 0 in ids, dims.n_stages - 1 in ids, len(ids))
     return out
 
 
@@ -266,8 +267,10 @@ def _adam_temporary(s: Shape, lay: Layout, k: Kernels, p: float, layers: int) ->
     return 8 * largest / opt_div
 
 
-def estimate_memory(cfg: JobConfig, lay: Layout, kernels: Kernels | None = None) -> MemoryEstimate:
-    """Peak bytes of every pipeline rank (ranks of one stage are alike up to a few norm weights)."""
+def estimate_memory(cfg: JobConfig, lay: Layout, kernels: Kernels | None = None,
+                    all_ranks: bool = True) -> MemoryEstimate:
+    """Peak bytes of every pipeline rank (ranks of one stage are alike up to a few norm weights); without
+    `all_ranks` only the first and last pipeline ranks, one of which is the most loaded."""
     s = Shape.of(cfg)
     k = kernels or Kernels.for_device("cpu")
     m = lay.microbatches(cfg.train.global_batch) if lay.pp > 1 else 1
@@ -279,7 +282,7 @@ def estimate_memory(cfg: JobConfig, lay: Layout, kernels: Kernels | None = None)
         per_layer = (layer_activation_bytes(s, lay, k, "full") + layer_activation_bytes(s, lay, k, "none")) / 2
     recompute = layer_activation_bytes(s, lay, k, "none") - per_layer  # one block re-run in backward
     ranks = []
-    for r, (layers, first, last, chunks) in enumerate(_stage_plan(s, lay)):
+    for r, (layers, first, last, chunks) in _stage_plan(s, lay, all_ranks).items():
         held = in_flight(lay, m, r)
         p = layers * s.layer_params(lay.tp)
         root = (s.vocab_params(lay.tp) if first else 0) + (s.vocab_params(lay.tp) + s.h if last else 0)

@@ -1,0 +1,225 @@
+"""Micro-benchmarks that calibrate the time model: GEMM throughput and collective α/β per scope.
+
+    exatrain bench gemm [--config CFG] [--cluster NAME]          # one process
+    torchrun --nproc-per-node=N -m exatrain bench comm --ranks-per-node R --cluster NAME
+
+`gemm` times torch.matmul over a sweep of shapes (squares plus, given a job config, exactly the
+GEMMs of its blocks under TP 1..8) and reports TFLOP/s and efficiency vs the device's peak. `comm`
+runs all-reduce, all-gather, reduce-scatter and p2p over message sizes in two scopes: inside a node
+(groups of `ranks_per_node` consecutive ranks) and across nodes (one rank per node, all such groups at
+once, as in a 3D layout), and fits t = α + c·(n−1)/n·S/β per scope by least squares. Both write into
+the cluster's JSON cache (exatrain.bench.hardware.cache_path), which `load_cluster` overlays on the
+built-in defaults. Each returns its rows and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from exatrain.bench.hardware import COLLECTIVE_FACTOR, cache_path
+from exatrain.bench.peak import peak_tflops
+from exatrain.config import JobConfig
+from exatrain.model.llama import ffn_hidden_dim
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPS = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_gemm_shapes(cfg: JobConfig, tps: tuple[int, ...] = (1, 2, 4, 8),
+                      micro_batches: tuple[int, ...] = (1,)) -> list[tuple[int, int, int]]:
+    """The (m, n, k) forward GEMMs of one block (and the head) for each TP degree and micro-batch size:
+    what the time model looks up (backward shapes are the same products transposed)."""
+    m = cfg.model
+    h, f = m.dim, ffn_hidden_dim(m)
+    kv = (m.n_kv_heads or m.n_heads) * (h // m.n_heads)
+    vocab = m.vocab_size or cfg.data.tokenizer.vocab_size
+    shapes = set()
+    for tp in tps:
+        if m.n_heads % tp or (m.n_kv_heads or m.n_heads) % tp or f % tp:
+            continue
+        for mb in micro_batches:
+            t = mb * cfg.data.seq_len
+            shapes.update({(t, h // tp, h), (t, kv // tp, h), (t, h, h // tp), (t, f // tp, h), (t, h, f // tp),
+                           (t, vocab // tp, h)})
+    return sorted(shapes)
+
+
+def _matmul_seconds(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(k, n, dtype=dtype, device=device)
+    a @ b
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gemm(shapes: list[tuple[int, int, int]] | None = None, dtype: str = "bf16", device: str = "cpu",
+         cluster: str = "local", repeats: int = 5, directory: Path | None = None, save: bool = True) -> list[dict]:
+    """Time each (m, n, k) GEMM; rows carry seconds, TFLOP/s and efficiency vs the device's peak."""
+    dev = torch.device(device)
+    peak = peak_tflops(dev, dtype)
+    shapes = shapes or [(s, s, s) for s in ((256, 512, 1024) if dev.type == "cpu" else (1024, 2048, 4096, 8192))]
+    rows = []
+    for m, n, k in shapes:
+        sec = _matmul_seconds(m, n, k, _DTYPES[dtype], dev, repeats)
+        tflops = 2.0 * m * n * k / sec / 1e12
+        rows.append({"m": m, "n": n, "k": k, "seconds": sec, "tflops": tflops,
+                     "eff": tflops / peak.tflops if peak.tflops else float("nan")})
+    print(format_table(["m", "n", "k", "ms", "TFLOP/s", "eff"],
+                       [[r["m"], r["n"], r["k"], f"{r['seconds'] * 1e3:.3f}", f"{r['tflops']:.2f}",
+                         f"{r['eff']:.2f}"] for r in rows]))
+    print(f"peak {peak.tflops:.2f} TFLOP/s ({peak.source})")
+    if save:
+        _update_cache(cluster, directory, ["gemm", dtype], {"device": _device_name(dev), "when": _now(),
+                                                             "peak_tflops": peak.tflops, "rows": rows})
+    return rows
+
+
+def fit_alpha_beta(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares t = α + x/β over (x bytes, t seconds), x already scaled by the collective's factor;
+    returns (α s, β GB/s). α is clamped at 0 (a negative intercept is noise)."""
+    if len(samples) < 2:
+        raise ValueError("need at least two message sizes to fit α and β")
+    xs, ts = zip(*samples)
+    mx, mt = statistics.fmean(xs), statistics.fmean(ts)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sxx if sxx else 0.0
+    if slope <= 0:
+        raise ValueError(f"time does not grow with message size (slope {slope:.3g} s/B): measure larger messages")
+    alpha = max(0.0, mt - slope * mx)
+    return alpha, 1.0 / slope / 1e9
+
+
+def effective_bytes(op: str, nbytes: float, n: int) -> float:
+    """The x of t = α + x/β: c·(n−1)/n·S for collectives, S for p2p."""
+    return nbytes if op == "p2p" else COLLECTIVE_FACTOR[op] * (n - 1) / n * nbytes
+
+
+def _time_op(op: str, nbytes: int, group, peer: int | None, device: torch.device, repeats: int) -> float:
+    n = dist.get_world_size(group)
+    elems = max(n, nbytes // 4 // n * n)
+    buf = torch.ones(elems, device=device)
+    out = torch.empty(elems * n if op == "all_gather" else elems // n, device=device)
+
+    def run() -> None:
+        if op == "all_reduce":
+            dist.all_reduce(buf, group=group)
+        elif op == "all_gather":
+            dist.all_gather_into_tensor(out, buf, group=group)
+        elif op == "reduce_scatter":
+            dist.reduce_scatter_tensor(out, buf, group=group)
+        elif dist.get_rank() < peer:
+            dist.send(buf, peer)
+            dist.recv(buf, peer)
+        else:
+            dist.recv(buf, peer)
+            dist.send(buf, peer)
+
+    run()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    sec = torch.tensor([statistics.median(times) / (2 if op == "p2p" else 1)])
+    dist.all_reduce(sec, op=dist.ReduceOp.MAX)
+    return float(sec)
+
+
+def comm(ranks_per_node: int, sizes: tuple[int, ...] = (2**16, 2**18, 2**20, 2**22), ops: tuple[str, ...] = OPS,
+         cluster: str = "local", repeats: int = 5, directory: Path | None = None) -> dict:
+    """Benchmark collectives in both scopes on the current process group; returns {scope: fit}, rows included.
+
+    Ranks r and r + ranks_per_node are on different nodes; inter-node groups run concurrently, so the
+    fitted β is one group's share and the cached node bandwidth is β x ranks_per_node."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % ranks_per_node:
+        raise ValueError(f"world size {world} is not a multiple of ranks_per_node={ranks_per_node}")
+    nodes = world // ranks_per_node
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    intra = [dist.new_group(list(range(i * ranks_per_node, (i + 1) * ranks_per_node))) for i in range(nodes)]
+    inter = [dist.new_group(list(range(i, world, ranks_per_node))) for i in range(ranks_per_node)]
+    # (group, its size, p2p peer or None when the ranks cannot all pair up, groups sharing a node's links)
+    scopes = {}
+    if ranks_per_node > 1:
+        peer = rank ^ 1 if ranks_per_node % 2 == 0 else None
+        scopes["intra"] = (intra[rank // ranks_per_node], ranks_per_node, peer, 1)
+    if nodes > 1:
+        node = rank // ranks_per_node
+        peer = (rank + ranks_per_node if node % 2 == 0 else rank - ranks_per_node) if nodes % 2 == 0 else None
+        scopes["inter"] = (inter[rank % ranks_per_node], nodes, peer, ranks_per_node)
+    result, table = {}, []
+    for scope, (group, n, peer, share) in scopes.items():
+        samples, rows = [], []
+        for op in ops:
+            if op == "p2p" and peer is None:
+                continue
+            for size in sizes:
+                sec = _time_op(op, size, None if op == "p2p" else group, peer, device, repeats)
+                x = effective_bytes(op, size, 2 if op == "p2p" else n)
+                samples.append((x, sec))
+                rows.append({"op": op, "bytes": size, "n": n, "seconds": sec, "busbw_gbs": x / sec / 1e9})
+                table.append([scope, op, n, size, f"{sec * 1e6:.1f}", f"{x / sec / 1e9:.3f}"])
+        alpha, beta = fit_alpha_beta(samples)
+        result[scope] = {"alpha_s": alpha, "bw_gbs": beta * share, "group_bw_gbs": beta, "ranks_per_node":
+                         ranks_per_node, "when": _now(), "rows": rows}
+    if rank == 0:
+        print(format_table(["scope", "op", "ranks", "bytes", "µs", "busbw GB/s"], table))
+        for scope, fit in result.items():
+            print(f"{scope}: α = {fit['alpha_s'] * 1e6:.1f} µs, β = {fit['group_bw_gbs']:.3f} GB/s per group"
+                  + (f" ({fit['bw_gbs']:.3f} GB/s per node)" if scope == "inter" else ""))
+        _update_cache(cluster, directory, ["comm"], result, merge=True)
+    dist.barrier()
+    return result
+
+
+def _device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+
+
+def _update_cache(cluster: str, directory: Path | None, keys: list[str], value: dict, merge: bool = False) -> Path:
+    path = cache_path(cluster, directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    if merge and isinstance(node.get(keys[-1]), dict):
+        node[keys[-1]].update(value)
+    else:
+        node[keys[-1]] = value
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def format_table(header: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])

@@ -1,0 +1,147 @@
+"""Layout planner: enumerate every layout for N devices, keep what the trainer accepts and what fits,
+rank by predicted tokens/s, and say in one line why each top layout wins (DESIGN.md §12).
+
+Validity is decided by the trainer's own validator (`ParallelDims.from_config` via
+`exatrain.bench.layout.check`), so a proposed layout always starts. Layouts the engine cannot run yet
+(ZeRO-1 composed with TP/PP, the Frontier paper's) can be evaluated as "what-if" candidates; they are
+reported apart and never ranked among the proposals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from itertools import product
+
+from exatrain.bench.hardware import Cluster
+from exatrain.bench.layout import AC_MODES, Layout, check
+from exatrain.bench.memory import GIB, Kernels, MemoryEstimate, estimate_memory
+from exatrain.bench.micro import format_table
+from exatrain.bench.timing import StepTime, estimate_step_time
+from exatrain.config import JobConfig
+
+PP_SCHEDULES = (("GPipe", 1), ("1F1B", 1), ("Interleaved1F1B", 2), ("InterleavedZeroBubble", 2), ("ZBVZeroBubble", 2))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layout: Layout
+    memory: MemoryEstimate
+    time: StepTime
+    invalid: str | None  # the validator's message; None when the trainer accepts the layout
+
+    @property
+    def peak_gib(self) -> float:
+        return self.memory.peak / GIB
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.time.tokens_per_s
+
+    def why(self, cl: Cluster, cap_gib: float) -> str:
+        """One line: where each parallel dim's traffic goes, the costs that matter, and the memory fit."""
+        lay, b = self.layout, self.time.breakdown()
+        parts = []
+        if lay.tp > 1:
+            link, bw = cl.link(lay.tp, 1)
+            scope = "pair link" if link is cl.pair else "in-node" if link is cl.intra else "ACROSS NODES"
+            parts.append(f"TP{lay.tp} {scope} ({bw:.0f} GB/s, {b['tp_comm']:.0%} of step)")
+        if lay.pp > 1:
+            across = lay.world > cl.devices_per_node
+            parts.append(f"PP{lay.pp} {'across nodes' if across else 'in-node'}, bubble {b['bubble']:.1%}")
+        if lay.dp > 1:
+            parts.append(f"DP{lay.dp} {lay.sharding} exposed {b['dp_comm']:.1%}")
+        parts.append(f"compute {b['compute']:.0%}")
+        parts.append(f"fits {self.peak_gib:.1f}/{cap_gib:.0f} GiB")
+        parts.append(f"MFU {self.time.mfu:.1%}")
+        return "; ".join(parts)
+
+
+@dataclass
+class Plan:
+    ranked: list[Candidate]  # accepted by the validator and under the cap, best first
+    what_if: list[Candidate]  # ranked layouts the engine cannot run yet (e.g. native ZeRO-1 with TP/PP)
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
+    cap_gib: float = 0.0
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def enumerate_layouts(cfg: JobConfig, devices: int, *, max_micro_batch: int = 8, ac_modes=AC_MODES,
+                      include_zero1: bool = False, max_tp: int = 64, virtual_stages=(2,),
+                      sequence_parallel=(True,)) -> list[Layout]:
+    """Every combination of degrees, schedule, engine/ZeRO stage, micro-batch and AC for `devices` ranks
+    (validity is not checked here)."""
+    m, gbs = cfg.model, cfg.train.global_batch
+    out = []
+    for tp in _divisors(devices):
+        if tp > min(max_tp, m.n_heads):
+            continue
+        for pp in _divisors(devices // tp):
+            if pp > m.n_layers:
+                continue
+            dp = devices // (tp * pp)
+            if gbs % dp:
+                continue
+            scheds = [(s, v) for s, v in PP_SCHEDULES for v in ((v,) if v == 1 or s == "ZBVZeroBubble"
+                                                                else virtual_stages)] if pp > 1 else [("1F1B", 1)]
+            for (sched, v), rep in product(scheds, _divisors(dp)):
+                shard = dp // rep
+                # under PP, pipelining keeps FSDP units gathered anyway: zero_stage 2 and 3 are the same run
+                engines = [("native", 3)] + ([("native", 2)] if shard > 1 and pp == 1 else [])
+                if tp == pp == 1 and rep == 1 and dp > 1:
+                    engines += [("deepspeed", z) for z in (1, 2, 3)]
+                if include_zero1 and rep == 1 and dp > 1:
+                    engines.append(("native", 1))
+                for (engine, zero), mb, ac, sp in product(engines, _divisors(gbs // dp), ac_modes, sequence_parallel):
+                    if mb > max_micro_batch or (not sp and tp == 1):
+                        continue
+                    out.append(Layout(tp, pp, shard, rep, v, sched, engine, zero, mb, ac, sp))
+    return out
+
+
+def evaluate(cfg: JobConfig, lay: Layout, cl: Cluster, kernels: Kernels | None = None) -> Candidate:
+    """Memory and time of one layout, valid or not."""
+    k = kernels or Kernels.for_device("gpu")
+    return Candidate(lay, estimate_memory(cfg, lay, k), estimate_step_time(cfg, lay, cl), check(cfg, lay))
+
+
+def plan(cfg: JobConfig, devices: int, cl: Cluster, *, cap_gib: float | None = None, top: int = 10,
+         kernels: Kernels | None = None, include_zero1: bool = False, **enum) -> Plan:
+    """Rank all accepted layouts that fit under `cap_gib` (default 90% of the device memory) by tokens/s."""
+    cap = cap_gib if cap_gib is not None else 0.9 * cl.device.memory_gib
+    k = kernels or Kernels.for_device("cpu" if cl.name == "local" else "gpu")
+    result = Plan([], [], {"validator": 0, "memory": 0}, cap)
+    for lay in enumerate_layouts(cfg, devices, include_zero1=include_zero1, **enum):
+        mem = estimate_memory(cfg, lay, k, all_ranks=False)
+        if mem.peak / GIB > cap:
+            result.rejected["memory"] += 1
+            continue
+        invalid = check(cfg, lay)
+        # a ZeRO-1 what-if must be valid in every other respect (checked as the FSDP layout it replaces)
+        if invalid and (lay.sharding != "zero1" or check(cfg, replace(lay, zero_stage=2))):
+            result.rejected["validator"] += 1
+            continue
+        cand = Candidate(lay, mem, estimate_step_time(cfg, lay, cl), invalid)
+        (result.what_if if invalid else result.ranked).append(cand)
+    result.ranked.sort(key=lambda c: -c.tokens_per_s)
+    result.what_if.sort(key=lambda c: -c.tokens_per_s)
+    del result.ranked[top:], result.what_if[top:]
+    return result
+
+
+def format_plan(p: Plan, cl: Cluster, title: str = "") -> str:
+    def rows(cands: list[Candidate]) -> list[list]:
+        return [[i + 1, c.layout.describe(), f"{c.tokens_per_s:,.0f}", f"{c.time.total:.2f}",
+                 f"{c.time.megatron_tflops:.1f}", f"{c.time.mfu:.1%}", f"{c.peak_gib:.1f}", c.why(cl, p.cap_gib)]
+                for i, c in enumerate(cands)]
+
+    header = ["#", "layout", "tokens/s", "step s", "TFLOP/s/dev", "MFU", "peak GiB", "why"]
+    out = [title] if title else []
+    out.append(format_table(header, rows(p.ranked)) if p.ranked else "no accepted layout fits")
+    if p.what_if:
+        out += ["", "what-if (the engine cannot run these yet):", format_table(header, rows(p.what_if))]
+    out.append(f"rejected: {p.rejected['validator']} by the validator, {p.rejected['memory']} over "
+               f"{p.cap_gib:.0f} GiB; hardware: {cl.gemm.source}; links {cl.intra.source}")
+    return "\n".join(out)

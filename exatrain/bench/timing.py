@@ -1,0 +1,213 @@
+"""Predicted step time of a job under a layout on a cluster (DESIGN.md §12).
+
+step = m · t_mb(slowest pipeline rank) + bubble + PP p2p + exposed DP collectives + optimizer, where one
+micro-batch on a rank costs its GEMMs (forward, input- and weight-gradient shapes, each timed by the
+cluster's GEMM model), flash/SDPA attention (causal half of 4·T·s·h/t forward FLOPs, 2.5x in backward
+as in FlashAttention-2), memory-bound pointwise work (norms, RoPE, SwiGLU, residual adds) at HBM
+bandwidth, the recomputation its activation checkpointing implies, and its TP collectives, which
+exatrain's DTensor plans do not overlap (2 all-gathers + 2 reduce-scatters of b·s·h per block forward
+with sequence parallelism, 2 all-reduces without; as many in backward and in a full recompute).
+Bubble: (pp−1)/(v·m) of the m micro-batches, scaled for the zero-bubble schedules by the ZB paper's
+(T_F + T_B − T_W) (ZB-H1, InterleavedZeroBubble) and (T_F + T_B − 2·T_W) (ZBV) over (T_F + T_B + T_W).
+DP: FSDP2 gathers parameters and reduce-scatters fp32 gradients every micro-batch, overlapped with
+compute except one unit (under PP only once per step and the reduction is exposed); ZeRO-1/DeepSpeed
+reduce once per step after backward and all-gather updated parameters (exposed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from exatrain.bench.flops import flops_per_token, megatron_flops_per_iteration
+from exatrain.bench.hardware import Cluster
+from exatrain.bench.layout import Layout
+from exatrain.bench.memory import Shape, _stage_plan, residual_bytes
+from exatrain.config import JobConfig
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step by component (`compute` includes recomputation and pointwise work)."""
+
+    compute: float
+    recompute: float
+    tp_comm: float
+    bubble: float
+    pp_p2p: float
+    dp_comm: float
+    optimizer: float
+    tokens: int  # per step, global
+    devices: int
+    model_flops: float  # per step, exatrain's 6N + attention convention (exatrain.bench.flops)
+    megatron_flops: float  # per step, Narayanan et al.'s formula as the Frontier paper reports
+    peak_tflops: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.tp_comm + self.bubble + self.pp_p2p + self.dp_comm + self.optimizer
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.total
+
+    @property
+    def mfu(self) -> float:
+        return self.model_flops / self.total / self.devices / (self.peak_tflops * 1e12)
+
+    @property
+    def megatron_tflops(self) -> float:
+        """Per device, as Megatron-DeepSpeed's throughput line (and the Frontier paper) computes it."""
+        return self.megatron_flops / self.total / self.devices / 1e12
+
+    def breakdown(self) -> dict[str, float]:
+        """Fractions of the step."""
+        t = self.total
+        return {k: getattr(self, k) / t for k in ("compute", "tp_comm", "bubble", "pp_p2p", "dp_comm", "optimizer")}
+
+
+@dataclass(frozen=True)
+class _MicroBatch:
+    fwd: float
+    bwd_input: float
+    bwd_weight: float
+    recompute: float
+    tp_comm: float
+
+    @property
+    def total(self) -> float:
+        return self.fwd + self.bwd_input + self.bwd_weight + self.recompute + self.tp_comm
+
+
+def _linear(cl: Cluster, tokens: int, n: int, k: int, e: int) -> tuple[float, float, float]:
+    """(forward, input-gradient, weight-gradient) seconds of a (tokens x k) @ (k x n) GEMM."""
+    g = cl.gemm
+    return g.time(tokens, n, k, e), g.time(tokens, k, n, e), g.time(k, n, tokens, e)
+
+
+def _block(s: Shape, lay: Layout, cl: Cluster, tokens: int) -> tuple[float, float, float, float, float]:
+    """One block on one rank: (gemm fwd, bwd input, bwd weight, attention fwd, pointwise fwd) seconds."""
+    t, h, e = lay.tp, s.h, s.e
+    f = b = w = 0.0
+    for n, k in ((h // t, h), (s.kv // t, h), (s.kv // t, h), (h, h // t), (s.ffn // t, h), (s.ffn // t, h),
+                 (h, s.ffn // t)):
+        a, c, d = _linear(cl, tokens, n, k, e)
+        f, b, w = f + a, b + c, w + d
+    heads = max(1, s.heads // t)
+    seqs = tokens // s.seq
+    attn = seqs * heads * 2 * cl.gemm.time(s.seq, s.seq, s.head_dim, e) / 2  # QKᵀ and PV, causal half
+    tsp = t if lay.sp else 1
+    pointwise_bytes = e * (4 * h / tsp + 2 * (h + s.kv) / t + 3 * s.ffn / t + 6 * h / tsp)
+    pointwise = tokens * pointwise_bytes / (cl.gemm.hbm_gbs * 1e9)
+    return f, b, w, attn, pointwise
+
+
+def _tp_comm(s: Shape, lay: Layout, cl: Cluster, tokens: int, layers: int, first: bool, last: bool) -> float:
+    """Exposed TP collective seconds for one micro-batch on a rank."""
+    if lay.tp == 1:
+        return 0.0
+    link, bw = cl.link(lay.tp, 1)
+    size = tokens * s.h * s.e
+    if lay.sp:
+        per_block = 2 * (link.time("all_gather", size, lay.tp, bw) + link.time("reduce_scatter", size, lay.tp, bw))
+    else:
+        per_block = 2 * link.time("all_reduce", size, lay.tp, bw)
+    passes = 3 if lay.activation_checkpointing == "full" else 2  # forward, backward (+ recomputed forward)
+    edge = (link.time("reduce_scatter", size, lay.tp, bw) if first else 0.0) + \
+           (link.time("all_gather", size, lay.tp, bw) + 3 * link.alpha_s if last else 0.0)
+    return layers * passes * per_block + 2 * edge
+
+
+def _micro_batch(s: Shape, lay: Layout, cl: Cluster, layers: int, first: bool, last: bool) -> _MicroBatch:
+    tokens = lay.micro_batch * s.seq
+    f, b, w, attn, pw = _block(s, lay, cl, tokens)
+    fwd = layers * (f + attn + pw)
+    bwd_in = layers * (b + 1.5 * attn + 2 * pw)  # FlashAttention-2: backward = 2.5x forward, counted with input grads
+    bwd_w = layers * (w + attn)
+    ac = lay.activation_checkpointing
+    if ac == "full":
+        recompute = fwd
+    elif ac == "selective":
+        recompute = layers * (pw + (attn if s.attention == "flash" else 0.0))  # flash-attn is not an aten SAC op
+    else:
+        recompute = 0.0
+    if last:
+        a, c, d = _linear(cl, tokens, s.vocab // lay.tp, s.h, s.e)
+        ce = tokens * (s.vocab / lay.tp) * (s.e + 4 + 4 + 4) / (cl.gemm.hbm_gbs * 1e9)
+        fwd, bwd_in, bwd_w = fwd + a + ce, bwd_in + c + ce, bwd_w + d
+    return _MicroBatch(fwd, bwd_in, bwd_w, recompute, _tp_comm(s, lay, cl, tokens, layers, first, last))
+
+
+def _bubble_fraction(lay: Layout, m: int, mb: _MicroBatch) -> float:
+    if lay.pp == 1:
+        return 0.0
+    base = (lay.pp - 1) / (lay.virtual_stages * m)
+    tf, tb, tw = mb.fwd + mb.recompute, mb.bwd_input, mb.bwd_weight
+    if lay.schedule == "InterleavedZeroBubble":
+        return base * max(0.0, tf + tb - tw) / (tf + tb + tw)
+    if lay.schedule == "ZBVZeroBubble":
+        return base * max(0.0, tf + tb - 2 * tw) / (tf + tb + tw)
+    return base
+
+
+def _dp_comm(s: Shape, lay: Layout, cl: Cluster, p: float, m: int, mb_compute: float, unit: float) -> float:
+    """Exposed data-parallel seconds per step for `p` local parameters."""
+    if lay.dp == 1:
+        return 0.0
+    e = s.e
+    inner = lay.tp  # dp ranks sit tp apart (mesh order pp, dp_replicate, dp_shard, tp)
+    shard_link, shard_bw = cl.link(lay.dp_shard, inner)
+    rep_link, rep_bw = cl.link(lay.dp_replicate, inner * lay.dp_shard)
+    shard = lay.sharding
+    if shard in ("zero1", "zero2") or lay.engine == "deepspeed" and shard != "zero3":
+        grad_bytes = 4 * p if shard == "zero1" and lay.engine == "native" else e * p
+        n, link, bw = lay.dp, *cl.link(lay.dp, inner)
+        return link.time("reduce_scatter", grad_bytes, n, bw) + link.time("all_gather", e * p, n, bw)
+    if shard == "zero3":  # DeepSpeed ZeRO-3: gather in forward and backward, reduce-scatter, every micro-batch
+        link, bw = cl.link(lay.dp, inner)
+        per_mb = 2 * link.time("all_gather", e * p, lay.dp, bw) + link.time("reduce_scatter", e * p, lay.dp, bw)
+        return m * max(per_mb - mb_compute, per_mb * unit / p)
+    # native FSDP2 (dp_shard may be 1: replication over dp_replicate)
+    gathers = 2 if lay.zero_stage == 3 and lay.pp == 1 else 1
+    ag = gathers * shard_link.time("all_gather", e * p, lay.dp_shard, shard_bw)
+    rs = shard_link.time("reduce_scatter", 4 * p, lay.dp_shard, shard_bw)
+    ar = rep_link.time("all_reduce", 4 * p / lay.dp_shard, lay.dp_replicate, rep_bw)
+    if lay.pp > 1:  # pipelining defers the reduction to after the last micro-batch: exposed
+        return ag * unit / p + rs + ar
+    per_mb = ag + rs + ar
+    return m * max(per_mb - mb_compute, per_mb * unit / p)
+
+
+def estimate_step_time(cfg: JobConfig, lay: Layout, cl: Cluster) -> StepTime:
+    s = Shape.of(cfg)
+    gbs = cfg.train.global_batch
+    m = lay.microbatches(gbs)
+    plan = _stage_plan(s, lay, all_ranks=False)  # the first or the last pipeline rank is the slowest
+    mbs = {r: _micro_batch(s, lay, cl, layers, first, last) for r, (layers, first, last, _) in plan.items()}
+    slow = max(mbs, key=lambda r: mbs[r].total)
+    mb = mbs[slow]
+    layers, first, last, _ = plan[slow]
+    compute = m * (mb.fwd + mb.bwd_input + mb.bwd_weight + mb.recompute)
+    tp_comm = m * mb.tp_comm
+    bubble = _bubble_fraction(lay, m, mb) * m * mb.total
+    tokens = lay.micro_batch * s.seq
+    p2p = 0.0
+    if lay.pp > 1:  # a stage boundary that crosses nodes sets the pace when the pipeline spans nodes
+        link, bw = cl.link(2, max(lay.tp * lay.dp, cl.devices_per_node if lay.world > cl.devices_per_node else 1))
+        size = tokens * s.h * residual_bytes(s, lay) / (lay.tp if lay.sp else 1)
+        p2p = (m * lay.virtual_stages + lay.pp - 1) * 2 * link.time("p2p", size, 2, bw)
+    unit = s.layer_params(lay.tp)
+    p = max(layers * unit + (s.vocab_params(lay.tp) if first else 0) + (s.vocab_params(lay.tp) if last else 0),
+            unit)
+    dp = _dp_comm(s, lay, cl, p, m, mb.fwd + mb.bwd_input + mb.bwd_weight, unit)
+    opt_params = p / (lay.dp_shard if lay.sharding.startswith("fsdp") else
+                      lay.dp if lay.sharding in ("zero1", "zero2", "zero3") else 1)
+    optimizer = 40 * opt_params / (cl.gemm.hbm_gbs * 1e9)  # AdamW + norm/clip: ~40 B moved per local parameter
+    mcfg = cfg.model
+    if mcfg.vocab_size <= 0:
+        from dataclasses import replace
+
+        mcfg = replace(mcfg, vocab_size=s.vocab)
+    model_flops = flops_per_token(mcfg, s.seq) * gbs * s.seq
+    mega = megatron_flops_per_iteration(mcfg, gbs, s.seq, recompute=lay.activation_checkpointing == "full")
+    return StepTime(compute, m * mb.recompute, tp_comm, bubble, p2p, dp, optimizer, gbs * s.seq, lay.world,
+                    model_flops, mega, cl.gemm.peak_tflops)

@@ -87,7 +87,7 @@ def _torch_in_flight(schedule: str, pp: int, v: int, m: int) -> list[int]:
             kind = str(a.computation_type) if a is not None else ""
             if kind.endswith("FORWARD") and "BACKWARD" not in kind:
                 live += 1
-            elif kind.endswith("FULL_BACKWARD") or kind.endswith("BACKWARD_WEIGHT" if split else "BACKWARD_INPUT"):
+            elif kind.endswith(("FULL_BACKWARD", "BACKWARD_WEIGHT" if split else "BACKWARD_INPUT")):
                 live -= 1
             peak = max(peak, live)
         peaks.append(peak)
@@ -107,7 +107,7 @@ def test_in_flight_micro_batches_follow_torch_schedules(schedule, pp, v, m):
 def test_korthikanti_22b_anchors():
     """Korthikanti et al. 2022: 22B GPT (h 6144, 64 heads, 48 layers), s 2048, micro-batch 4, TP 8:
     59.25 GiB of activations without recompute (TP only), 9.56 GiB with SP + selective recompute."""
-    kw = dict(s=2048, b=4, h=6144, a=64, layers=48, t=8)
+    kw = {"s": 2048, "b": 4, "h": 6144, "a": 64, "layers": 48, "t": 8}
     assert korthikanti_activation_bytes(**kw, sp=False, recompute="none") / GIB == pytest.approx(59.25, rel=0.01)
     assert korthikanti_activation_bytes(**kw, sp=True, recompute="selective") / GIB == pytest.approx(9.56, rel=0.01)
 

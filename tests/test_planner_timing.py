@@ -54,7 +54,7 @@ def _frontier(name: str):
 
 def test_bubble_follows_schedule():
     cfg, cl = _frontier("22b")
-    base = dict(tp=1, pp=8, dp_shard=2, engine="native", zero_stage=2, micro_batch=1, activation_checkpointing="full")
+    base = {"tp": 1, "pp": 8, "dp_shard": 2, "engine": "native", "zero_stage": 2, "micro_batch": 1, "activation_checkpointing": "full"}
     t1 = estimate_step_time(cfg, Layout(**base, schedule="1F1B"), cl)
     m = cfg.train.global_batch // 2
     assert t1.bubble / (t1.compute + t1.tp_comm) == pytest.approx(7 / m, rel=1e-6)

@@ -1,5 +1,5 @@
 """The memory model (exatrain.bench.memory) against what a real step holds: parameter, gradient and
-optimizer bytes exactly, activations to 1%, the step's peak to 15% (5% at 22B shapes), measured on CPU with torch's
+optimizer bytes exactly, activations to 1%, the step's peak to 15% (8% at 22B shapes), measured on CPU with torch's
 MemTracker through the trainer's own engine (fake tensors and a fake process group stand in for other
 ranks); pipeline in-flight counts against torch's own schedule action lists; Korthikanti et al.'s anchors."""
 
@@ -60,7 +60,7 @@ def test_22b_block_shapes_match_without_allocating():
     rank = estimate_memory(cfg, layout, Kernels.for_device("cpu")).ranks[0]
     assert (got.params, got.grads, got.optimizer) == (rank.params, rank.grads, rank.optimizer)
     assert got.activations == pytest.approx(rank.activations, rel=0.01)
-    assert got.peak == pytest.approx(rank.peak, rel=0.05)
+    assert got.peak == pytest.approx(rank.peak, rel=0.08)
 
 
 def _torch_in_flight(schedule: str, pp: int, v: int, m: int) -> list[int]:

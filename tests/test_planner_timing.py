@@ -67,8 +67,8 @@ def test_bubble_follows_schedule():
 def test_frontier_paper_throughput(name, tp, pp, paper):
     """Dash et al. 2024: TFLOP/s per GCD (Megatron formula, full recompute) / 191.5 for 22B, 175B, 1T with
     TP/PP/DP2, ZeRO-1, 1F1B, micro-batch 1. The MI250X default GEMM efficiency was fitted to the 22B run;
-    175B and 1T are predictions (-5%, -12%)."""
+    175B and 1T are predictions (-4%, -11%)."""
     cfg, cl = _frontier(name)
     lay = Layout(tp, pp, 2, 1, 1, "1F1B", "native", 1, 1, "full")
     got = estimate_step_time(cfg, lay, cl).megatron_tflops / 191.5
-    assert got == pytest.approx(paper, rel=0.15)
+    assert got == pytest.approx(paper, rel=0.01 if name == "22b" else 0.15)

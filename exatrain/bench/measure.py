@@ -12,14 +12,18 @@ as benchmarks/parallel_memory.py does.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed._tools import mem_tracker
+from torch.distributed._tools.common_utils import get_untyped_storages
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
 
 from exatrain.bench.layout import Layout, to_config
 from exatrain.config import JobConfig
@@ -176,15 +180,69 @@ def _measure(cfg: JobConfig, layout: Layout, engine, steps: int) -> Measured:
     return Measured(_nbytes(params), _nbytes(grads), _nbytes(opt_states), activations, peak, phases)
 
 
+class LiveBytes(TorchDispatchMode):
+    """Current and peak bytes of live tensor storages, from every op output plus the tensors it starts
+    with. No module hooks, so unlike MemTracker it runs under pipelining's `torch.autograd.grad`
+    backward; storages resized in place (how FSDP2 frees and refills its buffers) are followed."""
+
+    def __init__(self, tensors) -> None:
+        super().__init__()
+        self.sizes: dict[int, int] = {}
+        self.current = self.peak = 0
+        self._resize = torch.UntypedStorage.resize_
+        for t in tensors:
+            self._track(t)
+
+    def _track(self, t: torch.Tensor) -> None:
+        for st in get_untyped_storages(t):
+            key = st._cdata
+            if key not in self.sizes:
+                self.sizes[key] = st.nbytes()
+                self.current += st.nbytes()
+                weakref.finalize(st, self._free, key)
+        self.peak = max(self.peak, self.current)
+
+    def _free(self, key: int) -> None:
+        self.current -= self.sizes.pop(key, 0)
+
+    def __enter__(self):
+        orig = self._resize
+
+        def resize_(st, size):
+            orig(st, size)
+            key = st._cdata
+            if key not in self.sizes:  # e.g. FSDP2's unsharded parameters, created empty before we started
+                self.sizes[key] = 0
+                weakref.finalize(st, self._free, key)
+            self.current += st.nbytes() - self.sizes[key]
+            self.sizes[key] = st.nbytes()
+            self.peak = max(self.peak, self.current)
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *args):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*args)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t is DTensor for t in types):
+            return NotImplemented  # let DTensor desugar into local ops first
+        out = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, self._track, out)
+        return out
+
+
 def measure_schedule_peak(engine, micro_batches, n_labels: int) -> tuple[Measured, int]:
     """Peak live bytes of one real `engine.train_step` (any layout, pipeline schedules included) on this
     rank, with the state sizes after it; returns (measurement, peak)."""
-    tracker = _Tracker()
-    tracker.track_external(*engine.model_parts, *engine.optimizers)
+    tensors = [t for part in engine.model_parts for t in (*part.parameters(), *part.buffers())]
+    tensors += [p.grad for p in tensors if p.grad is not None]
+    tensors += [v for opt in engine.optimizers for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    tracker = LiveBytes(tensors)
     with tracker:
         engine.train_step(micro_batches, n_labels, engine.cfg.optim.lr)
     params = [p for part in engine.model_parts for p in part.parameters()]
     opt_states = [v for opt in engine.optimizers for st in opt.state.values() for v in st.values()
                   if torch.is_tensor(v) and v.numel() > 1]
-    peak = _total(tracker, "peak")
-    return Measured(_nbytes(params), 0, _nbytes(opt_states), 0, peak), peak
+    return Measured(_nbytes(params), 0, _nbytes(opt_states), 0, tracker.peak), tracker.peak

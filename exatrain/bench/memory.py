@@ -186,7 +186,7 @@ class RankMemory:
     activations: float
     transient: float
     optimizer_step: float  # the peak during the optimizer step (activations freed)
-    grads_in_backward: bool  # gradients exist while activations do (accumulation, persistent buffers)
+    grads_in_backward: bool  # gradients of earlier micro-batches (or persistent buffers) coexist with activations
 
     @property
     def states(self) -> float:
@@ -194,8 +194,9 @@ class RankMemory:
 
     @property
     def backward_peak(self) -> float:
-        grads = self.grads if self.grads_in_backward else 0.0
-        return self.params + grads + self.optimizer + self.buffers + self.activations + self.transient
+        """Held gradients add to the activations; otherwise backward trades activations for gradients."""
+        held = self.grads + self.activations if self.grads_in_backward else max(self.grads, self.activations)
+        return self.params + held + self.optimizer + self.buffers + self.transient
 
     @property
     def peak(self) -> float:

@@ -9,9 +9,10 @@ exatrain's DTensor plans do not overlap (2 all-gathers + 2 reduce-scatters of b�
 with sequence parallelism, 2 all-reduces without; as many in backward and in a full recompute).
 Bubble: (pp−1)/(v·m) of the m micro-batches, scaled for the zero-bubble schedules by the ZB paper's
 (T_F + T_B − T_W) (ZB-H1, InterleavedZeroBubble) and (T_F + T_B − 2·T_W) (ZBV) over (T_F + T_B + T_W).
-DP: FSDP2 gathers parameters and reduce-scatters fp32 gradients every micro-batch, overlapped with
-compute except one unit (under PP only once per step and the reduction is exposed); ZeRO-1/DeepSpeed
-reduce once per step after backward and all-gather updated parameters (exposed).
+DP: FSDP2 gathers parameters and reduce-scatters fp32 gradients every micro-batch, hidden behind up to
+`cluster.overlap` of the micro-batch's compute but never better than one unit exposed (under PP only
+once per step, and the reduction is exposed); ZeRO-1/DeepSpeed ZeRO-1/2 reduce once per step after
+backward and all-gather the updated parameters (exposed).
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def _dp_comm(s: Shape, lay: Layout, cl: Cluster, p: float, m: int, mb_compute: f
     if shard == "zero3":  # DeepSpeed ZeRO-3: gather in forward and backward, reduce-scatter, every micro-batch
         link, bw = cl.link(lay.dp, inner)
         per_mb = 2 * link.time("all_gather", e * p, lay.dp, bw) + link.time("reduce_scatter", e * p, lay.dp, bw)
-        return m * max(per_mb - mb_compute, per_mb * unit / p)
+        return m * max(per_mb - cl.overlap * mb_compute, per_mb * unit / p)
     # native FSDP2 (dp_shard may be 1: replication over dp_replicate)
     gathers = 2 if lay.zero_stage == 3 and lay.pp == 1 else 1
     ag = gathers * shard_link.time("all_gather", e * p, lay.dp_shard, shard_bw)
@@ -174,7 +175,7 @@ def _dp_comm(s: Shape, lay: Layout, cl: Cluster, p: float, m: int, mb_compute: f
     if lay.pp > 1:  # pipelining defers the reduction to after the last micro-batch: exposed
         return ag * unit / p + rs + ar
     per_mb = ag + rs + ar
-    return m * max(per_mb - mb_compute, per_mb * unit / p)
+    return m * max(per_mb - cl.overlap * mb_compute, per_mb * unit / p)
 
 
 def estimate_step_time(cfg: JobConfig, lay: Layout, cl: Cluster) -> StepTime:

@@ -122,3 +122,26 @@ def test_pipeline_and_zero1_states():
     p = zero1.params / 2
     assert fsdp.params == pytest.approx(2 * p) and fsdp.buffers == pytest.approx(6 * p)
     assert (zero1.grads, zero1.optimizer, zero1.buffers) == pytest.approx((4 * p, 6 * p, 0))
+
+
+def test_live_bytes_tracker_agrees_with_memtracker():
+    """LiveBytes (no module hooks, so it works under pipelining's autograd.grad backward) sees the same
+    steady-state peak as MemTracker on a plain step."""
+    from parallel_common import global_batches, n_labels, rank_micro_batches
+
+    from exatrain.bench.layout import to_config
+    from exatrain.bench.measure import measure_schedule_peak
+    from exatrain.model.llama import build_model
+    from exatrain.parallel import ParallelDims, build_engine
+
+    base = load_config(None, SMALL)
+    lay = Layout(micro_batch=2)
+    with fake_world(1):
+        expected = measure_step(base, lay).peak
+        cfg = to_config(base, lay)
+        dims = ParallelDims.from_config(cfg, 1)
+        mesh = dims.build_mesh("cpu")
+        engine = build_engine(build_model(cfg.model), cfg, dims, mesh, "cpu")
+        for b in global_batches(cfg, 2):
+            _, peak = measure_schedule_peak(engine, rank_micro_batches(b, 0, 1, cfg.train.micro_batch), n_labels(b))
+    assert peak == pytest.approx(expected, rel=0.02)

@@ -10,6 +10,8 @@ benchmarks/planner_memory.py). Per token of a micro-batch, per layer, with e byt
                  attention q, k, v, out, wo input e·(h + 2·kv' + h + h)/t + 4·heads/t (logsumexp) where
                  kv' = h for SDPA (GQA heads are expanded before it) and the KV width for flash-attn, and
                  the wo input shares the attention output's storage except on CPU; SwiGLU 4·e·ffn/t.
+                 Under autocast (bf16 without FSDP) the residual stream is fp32 and each of wq/wk/wv, w1/w3
+                 saves its own bf16 cast of the shared input (3·e·h more).
                  Korthikanti et al. (2022, Table 2) write sbh(34 + 5as/h) for GPT (fp16, 4h GELU MLP,
                  materialised scores); ours has no score matrix (flash/SDPA) but keeps fp32 norm inputs.
   selective      torch's op-level SAC keeps the block input, every mm/SDPA/collective output: wq/wk/wv
@@ -26,11 +28,14 @@ until W), each chunk holding 1/v of the rank's layers.
 
 Model states per local parameter (after TP, before DP): native FSDP2 shards fp32 params, fp32
 gradients and AdamW's two fp32 moments (16/dp_shard; under bf16 the sharded fp32 params are the
-master copy) and all-gathers compute-dtype copies (two units in flight under ZeRO-3, all of them
-from forward to backward under zero_stage=2; the root unit of embedding/head is never resharded
-after forward); under PP torch's pipelining disables FSDP's reshard-after-backward and gradient
-sync until the last micro-batch, so a stage also holds all its unsharded params and fp32 unsharded
-gradient accumulators. ZeRO-1 (Megatron's distributed optimizer, the Frontier paper's layout): e
+master copy) and all-gathers compute-dtype copies (ZeRO-3: the root unit of embedding/norm/head plus
+the current and prefetched block, and one unit's unsharded gradients; zero_stage=2: every unit from
+forward to backward); under PP torch's pipelining disables FSDP's reshard-after-backward and
+gradient sync until the last micro-batch, so a stage also holds all its unsharded params and fp32
+unsharded gradient accumulators. Under TP, DTensor's embedding backward builds the whole-vocabulary
+gradient on every TP rank, and AdamW's step on the vocab-sharded embedding a whole-vocabulary fp32
+temporary (both measured). Without accumulation, backward trades activations for gradients: the
+peak holds the larger of the two. ZeRO-1 (Megatron's distributed optimizer, the Frontier paper's layout): e
 bytes of params + 4 of fp32 gradients + 12/dp (fp32 master + moments; 8/dp in fp32). DeepSpeed
 ZeRO-1/2/3 as in benchmarks/parallel_memory.py (fp32 master + moments = 12/dp, params/grads by stage).
 """
@@ -217,7 +222,7 @@ class MemoryEstimate:
         return self.worst.peak
 
 
-def _stage_plan(s: Shape, lay: Layout, all_ranks: bool = True) -> dict[int, tuple[int, bool, bool, int]]:
+def stage_plan(s: Shape, lay: Layout, all_ranks: bool = True) -> dict[int, tuple[int, bool, bool, int]]:
     """pp rank -> (layers, has embedding, has head, local chunks). Without `all_ranks` only the first and
     last ranks, which bound every other (most layers, most micro-batches in flight, embedding; head)."""
     dims = ParallelDims(lay.pp, lay.dp_replicate, lay.dp_shard, lay.tp, lay.world, lay.virtual_stages, 1)
@@ -283,7 +288,7 @@ def estimate_memory(cfg: JobConfig, lay: Layout, kernels: Kernels | None = None,
         per_layer = (layer_activation_bytes(s, lay, k, "full") + layer_activation_bytes(s, lay, k, "none")) / 2
     recompute = layer_activation_bytes(s, lay, k, "none") - per_layer  # one block re-run in backward
     ranks = []
-    for r, (layers, first, last, chunks) in _stage_plan(s, lay, all_ranks).items():
+    for r, (layers, first, last, chunks) in stage_plan(s, lay, all_ranks).items():
         held = in_flight(lay, m, r)
         p = layers * s.layer_params(lay.tp)
         root = (s.vocab_params(lay.tp) if first else 0) + (s.vocab_params(lay.tp) + s.h if last else 0)

@@ -17,12 +17,12 @@ backward and all-gather the updated parameters (exposed).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from exatrain.bench.flops import flops_per_token, megatron_flops_per_iteration
 from exatrain.bench.hardware import Cluster
 from exatrain.bench.layout import Layout
-from exatrain.bench.memory import Shape, _stage_plan, residual_bytes
+from exatrain.bench.memory import Shape, residual_bytes, stage_plan
 from exatrain.config import JobConfig
 
 
@@ -182,7 +182,7 @@ def estimate_step_time(cfg: JobConfig, lay: Layout, cl: Cluster) -> StepTime:
     s = Shape.of(cfg)
     gbs = cfg.train.global_batch
     m = lay.microbatches(gbs)
-    plan = _stage_plan(s, lay, all_ranks=False)  # the first or the last pipeline rank is the slowest
+    plan = stage_plan(s, lay, all_ranks=False)  # the first or the last pipeline rank is the slowest
     mbs = {r: _micro_batch(s, lay, cl, layers, first, last) for r, (layers, first, last, _) in plan.items()}
     slow = max(mbs, key=lambda r: mbs[r].total)
     mb = mbs[slow]
@@ -205,8 +205,6 @@ def estimate_step_time(cfg: JobConfig, lay: Layout, cl: Cluster) -> StepTime:
     optimizer = 40 * opt_params / (cl.gemm.hbm_gbs * 1e9)  # AdamW + norm/clip: ~40 B moved per local parameter
     mcfg = cfg.model
     if mcfg.vocab_size <= 0:
-        from dataclasses import replace
-
         mcfg = replace(mcfg, vocab_size=s.vocab)
     model_flops = flops_per_token(mcfg, s.seq) * gbs * s.seq
     mega = megatron_flops_per_iteration(mcfg, gbs, s.seq, recompute=lay.activation_checkpointing == "full")

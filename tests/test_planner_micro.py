@@ -40,6 +40,9 @@ def test_gemm_cache_feeds_the_time_model(tmp_path, capsys):
     assert cl.measured == ["gemm"]
     measured = 2 * 128**3 / rows[1]["seconds"]
     assert 2 * 128**3 / cl.gemm.time(128, 128, 128, 4) == pytest.approx(measured, rel=1e-9)
+    gemm([(64, 64, 64), (128, 128, 128)], dtype="fp32", cluster="local", repeats=1, directory=tmp_path)
+    local = load_cluster("local", dtype="fp32", directory=tmp_path)  # no built-in facts: measured only
+    assert local.device.memory_gib > 0 and local.gemm.peak_tflops > 0 and local.devices_per_node == 2
 
 
 def test_model_gemm_shapes_cover_tp():

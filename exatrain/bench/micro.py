@@ -15,6 +15,7 @@ built-in defaults. Each returns its rows and prints a table.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from datetime import UTC, datetime
@@ -93,7 +94,15 @@ def gemm(shapes: list[tuple[int, int, int]] | None = None, dtype: str = "bf16", 
     if save:
         _update_cache(cluster, directory, ["gemm", dtype], {"device": _device_name(dev), "when": _now(),
                                                              "peak_tflops": peak.tflops, "rows": rows})
+        _update_cache(cluster, directory, ["memory_gib"], _memory_gib(dev))
     return rows
+
+
+def _memory_gib(dev: torch.device) -> float:
+    """The device's memory (host RAM for CPU), for the planner's default cap on clusters without defaults."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory / 2**30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 def fit_alpha_beta(samples: list[tuple[float, float]]) -> tuple[float, float]:
@@ -201,7 +210,7 @@ def _device_name(dev: torch.device) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
 
 
-def _update_cache(cluster: str, directory: Path | None, keys: list[str], value: dict, merge: bool = False) -> Path:
+def _update_cache(cluster: str, directory: Path | None, keys: list[str], value, merge: bool = False) -> Path:
     path = cache_path(cluster, directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(path.read_text()) if path.exists() else {}

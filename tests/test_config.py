@@ -45,16 +45,23 @@ def test_cli_print_config_and_error_exit(capsys):
     assert "model.nope" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name, world, layout", [
-    ("22b", 16, "pp=8(v=1, microbatches=320) dp_replicate=1 dp_shard=2 tp=1 world=16"),
-    ("175b", 128, "pp=16(v=1, microbatches=320) dp_replicate=1 dp_shard=2 tp=4 world=128"),
-    ("1t", 1024, "pp=128(v=1, microbatches=512) dp_replicate=1 dp_shard=2 tp=4 world=1024"),
+@pytest.mark.parametrize("name, world, layout, vocab", [
+    ("22b", 16, "pp=8(v=1, microbatches=320) dp_replicate=1 dp_shard=2 tp=1 world=16", 50304),
+    ("175b", 128, "pp=16(v=1, microbatches=320) dp_replicate=1 dp_shard=2 tp=4 world=128", 50688),
+    ("1t", 1024, "pp=128(v=1, microbatches=512) dp_replicate=1 dp_shard=2 tp=4 world=1024", 50688),
 ])
-def test_frontier_recipes_are_valid_layouts(name, world, layout):
+def test_frontier_recipes_are_valid_layouts(name, world, layout, vocab):
+    """The paper's layouts (TP x PP, native ZeRO-1 over dp 2, 1F1B of single-sequence micro-batches, full
+    recompute, seq 2048), GPT-2's 50257-token vocabulary padded to 128 x TP as Megatron does."""
     from exatrain.bench.flops import non_embedding_params
     from exatrain.parallel import ParallelDims
 
-    cfg = load_config(f"{name}-frontier.yaml", ["model.vocab_size=50304"])
+    cfg = load_config(f"{name}-frontier.yaml")
     assert ParallelDims.from_config(cfg, world).describe() == layout
+    assert cfg.model.vocab_size == vocab and cfg.data.tokenizer.vocab_size == 50257
+    p, t = cfg.parallel, cfg.train
+    assert (p.zero_stage, p.engine, p.pp_schedule, t.activation_checkpointing, cfg.data.seq_len) == (
+        1, "native", "1F1B", "full", 2048)
+    assert t.micro_batch == p.pp_microbatches  # one sequence per pipeline micro-batch
     billions = {"22b": 22, "175b": 175, "1t": 1000}[name]
     assert non_embedding_params(cfg.model) / 1e9 == pytest.approx(billions, rel=0.02)

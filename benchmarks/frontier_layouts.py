@@ -81,7 +81,7 @@ def main() -> None:
     cap = 0.9 * cl.device.memory_gib
     results = {}
     for name, (devices, tp, pp, measured) in PAPER.items():
-        cfg = load_config(f"configs/{name}-frontier.yaml", ["model.vocab_size=50304"])
+        cfg = load_config(f"{name}-frontier.yaml")
         paper = evaluate(cfg, Layout(tp, pp, 2, 1, 1, "1F1B", "native", 1, 1, "full"), cl)
         shipped = evaluate(cfg, from_config(cfg, devices), cl)
         full = plan(cfg, devices, cl, top=5, include_zero1=True)

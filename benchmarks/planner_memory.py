@@ -79,8 +79,9 @@ def worker(world: int, out: Path) -> None:
 
     from exatrain.bench.layout import to_config
     from exatrain.bench.measure import measure_schedule_peak, measure_step
+    from exatrain.engine import build_engine
     from exatrain.model.llama import build_model
-    from exatrain.parallel import ParallelDims, build_engine
+    from exatrain.parallel import ParallelDims
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -131,10 +132,10 @@ def frontier_shapes() -> list[dict]:
 
     rows = []
     for name, (tp, _) in FRONTIER.items():
-        cfg = load_config(f"configs/{name}-frontier.yaml", ["model.n_layers=2", "model.attention=sdpa",
+        cfg = load_config(f"{name}-frontier.yaml", ["model.n_layers=2", "model.attention=sdpa",
                                                             "train.global_batch=2", "train.micro_batch=1",
                                                             "parallel.pp=1", "parallel.pp_microbatches=0",
-                                                            "model.vocab_size=50304"])
+                                                            ])
         for ac in ("none", "full"):
             lay = Layout(tp=tp, dp_shard=2, micro_batch=1, activation_checkpointing=ac)
             with fake_world(lay.world):
@@ -149,7 +150,7 @@ def paper_layouts() -> list[dict]:
     """Full-depth prediction for the paper's layouts on GPU kernels (fused RMSNorm, flash attention)."""
     rows = []
     for name, (tp, pp) in FRONTIER.items():
-        cfg = load_config(f"configs/{name}-frontier.yaml", ["model.vocab_size=50304"])
+        cfg = load_config(f"{name}-frontier.yaml")
         for zero in (1, 2):
             lay = Layout(tp, pp, 2, 1, 1, "1F1B", "native", zero, 1, "full")
             worst = estimate_memory(cfg, lay, Kernels.for_device("gpu")).worst

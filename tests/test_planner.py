@@ -1,6 +1,6 @@
 """Layout enumeration and ranking (exatrain.bench.planner): every proposal passes the trainer's own
-validator, what-if layouts (native ZeRO-1 with TP/PP) never mix into the ranking, and layouts
-round-trip through job configs."""
+validator, native ZeRO-1 (with TP and PP too) is ranked among them, and layouts round-trip through job
+configs."""
 
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ TINY = ["model.dim=64", "model.n_layers=8", "model.n_heads=8", "model.n_kv_heads
 def test_proposals_are_accepted_by_the_trainer_validator():
     cfg = load_config(None, TINY)
     cl = default_cluster("frontier")
-    p = plan(cfg, 16, cl, top=10**6, include_zero1=True, cap_gib=1e9)
-    assert p.ranked and p.what_if and p.rejected["validator"] > 0
+    p = plan(cfg, 16, cl, top=10**6, cap_gib=1e9)
+    assert p.ranked and p.rejected["validator"] > 0
     for c in p.ranked:
         ParallelDims.from_config(to_config(cfg, c.layout), c.layout.world)  # raises if the trainer would refuse
         assert c.invalid is None
-    for c in p.what_if:
-        assert c.layout.sharding == "zero1" and "zero_stage=1" in c.invalid
+    zero1 = {(c.layout.tp > 1, c.layout.pp > 1) for c in p.ranked if c.layout.sharding == "zero1"
+             and c.layout.engine == "native"}
+    assert zero1 == {(False, False), (True, False), (False, True), (True, True)}  # alone, x TP, x PP, 3D
     ranked = [c.tokens_per_s for c in p.ranked]
     assert ranked == sorted(ranked, reverse=True)
     assert "tokens/s" in format_plan(p, cl)
@@ -34,11 +35,11 @@ def test_proposals_are_accepted_by_the_trainer_validator():
 
 def test_enumeration_reaches_every_knob():
     cfg = load_config(None, TINY)
-    layouts = enumerate_layouts(cfg, 8, include_zero1=True)
+    layouts = enumerate_layouts(cfg, 8)
     seen = {(lay.schedule if lay.pp > 1 else "-", lay.engine, lay.zero_stage, lay.activation_checkpointing)
             for lay in layouts}
     assert {s for s, *_ in seen} == {"-", "GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"}
-    assert {("deepspeed", z) for z in (1, 2, 3)} <= {(e, z) for _, e, z, _ in seen}
+    assert {("deepspeed", z) for z in (1, 2, 3)} | {("native", z) for z in (1, 2, 3)} <= {(e, z) for _, e, z, _ in seen}
     assert {lay.tp for lay in layouts} == {1, 2, 4, 8} and {lay.dp_replicate for lay in layouts} >= {1, 2}
     assert all(lay.world == 8 for lay in layouts)
 

@@ -1,5 +1,6 @@
 """The memory model (exatrain.bench.memory) against what a real step holds: parameter, gradient and
-optimizer bytes exactly, activations to 1%, the step's peak to 15% (8% at 22B shapes), measured on CPU with torch's
+optimizer bytes exactly (native ZeRO-1's fp32 master slices count as optimizer state), activations to 1%,
+the step's peak to 15% (8% at 22B shapes), measured on CPU with torch's
 MemTracker through the trainer's own engine (fake tensors and a fake process group stand in for other
 ranks); pipeline in-flight counts against torch's own schedule action lists; Korthikanti et al.'s anchors."""
 
@@ -36,6 +37,8 @@ SMALL = ["model.dim=256", "model.n_layers=2", "model.n_heads=8", "model.n_kv_hea
     ("bf16", Layout(dp_shard=2, micro_batch=2, zero_stage=2)),
     ("bf16", Layout(tp=2, dp_shard=2, micro_batch=2)),
     ("fp32", Layout(dp_shard=2, dp_replicate=2, micro_batch=2)),
+    ("bf16", Layout(dp_shard=2, zero_stage=1, micro_batch=2)),  # native ZeRO-1: autocast, whole fp32 grads
+    ("fp32", Layout(tp=2, dp_shard=2, zero_stage=1, micro_batch=4)),  # one micro-batch: grads replace activations
 ])
 def test_formulas_match_a_measured_step(dtype, layout):
     cfg = load_config(None, SMALL + [f"train.dtype={dtype}"])
@@ -51,9 +54,9 @@ def test_formulas_match_a_measured_step(dtype, layout):
 def test_22b_block_shapes_match_without_allocating():
     """Two blocks of the Frontier 22B model (h 6144, 48 heads, ffn 16384, vocab 50304, seq 2048) under
     TP2 x FSDP2 in bf16: FakeTensorMode measures the real per-rank bytes on CPU in a few seconds."""
-    cfg = load_config("configs/22b-frontier.yaml", ["model.n_layers=2", "model.attention=sdpa", "train.global_batch=2",
+    cfg = load_config("22b-frontier.yaml", ["model.n_layers=2", "model.attention=sdpa", "train.global_batch=2",
                                                     "train.micro_batch=1", "parallel.pp=1", "parallel.pp_microbatches=0",
-                                                    "model.vocab_size=50304"])
+                                                    ])
     layout = Layout(tp=2, dp_shard=2, micro_batch=1)
     with fake_world(layout.world):
         got = measure_step(cfg, layout, fake=True)
@@ -114,14 +117,18 @@ def test_korthikanti_22b_anchors():
 
 def test_pipeline_and_zero1_states():
     """Under PP, FSDP2 stages keep gathered params and fp32 unsharded gradient accumulators (pipelining turns
-    off reshard-after-backward and gradient sync until the last micro-batch); ZeRO-1 keeps bf16 params and
-    fp32 grads whole and shards 12 bytes of optimizer state per parameter."""
-    cfg = load_config("configs/175b-frontier.yaml", ["model.vocab_size=50304"])
+    off reshard-after-backward and gradient sync until the last micro-batch); native ZeRO-1 keeps fp32
+    params and grads whole (bf16 runs under autocast, which caches a bf16 cast of each matmul weight) and
+    shards 12 bytes of optimizer state per parameter (fp32 master slice + moments)."""
+    cfg = load_config("175b-frontier.yaml")
     fsdp = estimate_memory(cfg, Layout(4, 16, 2, 1, 1, "1F1B", "native", 2, 1, "full")).ranks[0]
     zero1 = estimate_memory(cfg, Layout(4, 16, 2, 1, 1, "1F1B", "native", 1, 1, "full")).ranks[0]
-    p = zero1.params / 2
+    p = zero1.params / 4
+    embed = cfg.model.vocab_size * cfg.model.dim / 4
     assert fsdp.params == pytest.approx(2 * p) and fsdp.buffers == pytest.approx(6 * p)
-    assert (zero1.grads, zero1.optimizer, zero1.buffers) == pytest.approx((4 * p, 6 * p, 0))
+    assert (zero1.grads, zero1.optimizer, zero1.buffers) == pytest.approx((4 * p, 6 * p, 2 * (p - embed)))
+    # after backward: gradients, their padded copies and the concatenated reduce-scatter input coexist
+    assert zero1.optimizer_step == pytest.approx(4 * p + 4 * p + 6 * p + 8 * p)
 
 
 def test_live_bytes_tracker_agrees_with_memtracker():
@@ -131,8 +138,9 @@ def test_live_bytes_tracker_agrees_with_memtracker():
 
     from exatrain.bench.layout import to_config
     from exatrain.bench.measure import measure_schedule_peak
+    from exatrain.engine import build_engine
     from exatrain.model.llama import build_model
-    from exatrain.parallel import ParallelDims, build_engine
+    from exatrain.parallel import ParallelDims
 
     base = load_config(None, SMALL)
     lay = Layout(micro_batch=2)

@@ -46,7 +46,7 @@ def test_gemm_cache_feeds_the_time_model(tmp_path, capsys):
 
 
 def test_model_gemm_shapes_cover_tp():
-    cfg = load_config("configs/22b-frontier.yaml", ["model.vocab_size=50304"])
+    cfg = load_config("22b-frontier.yaml")
     shapes = model_gemm_shapes(cfg, tps=(1, 8))
     assert (2048, 16384 // 8, 6144) in shapes and (2048, 6144, 16384) in shapes and (2048, 50304 // 8, 6144) in shapes
 

@@ -24,8 +24,8 @@ SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZe
 class Layout:
     """tp·pp·dp_shard·dp_replicate ranks; `micro_batch` sequences per forward/backward (one pipeline
     micro-batch under PP). zero_stage: native 2/3 = FSDP2 (gather kept until backward / resharded after
-    forward), native 1 = optimizer-state sharding only (Megatron/DeepSpeed ZeRO-1 composed with TP and
-    PP: the Frontier paper's layout, not in the engine yet, so `check` rejects it); deepspeed 1/2/3."""
+    forward), native 1 = ZeRO-1 (replicated parameters and gradients, optimizer states sharded over
+    dp_shard; composes with TP and PP: the Frontier paper's layout); deepspeed 1/2/3."""
 
     tp: int = 1
     pp: int = 1

@@ -27,9 +27,11 @@ from torch.utils._pytree import tree_map_only
 
 from exatrain.bench.layout import Layout, to_config
 from exatrain.config import JobConfig
+from exatrain.engine import build_engine
+from exatrain.engine.base import ce_sum
+from exatrain.engine.native import finalize_grads
 from exatrain.model.llama import Transformer, build_model
 from exatrain.parallel.dims import ParallelDims
-from exatrain.parallel.engine import build_engine, ce_sum, finalize_grads
 
 mem_tracker._PYTORCH_MIN_ALLOCATE = 1  # count bytes, not 512-byte allocator blocks
 
@@ -142,13 +144,26 @@ def measure_step(cfg: JobConfig, layout: Layout, fake: bool = False, steps: int 
         return _measure(cfg, layout, build_engine(model, cfg, dims, mesh, "cpu"), steps)
 
 
+def _torch_optimizers(engine) -> list[torch.optim.Optimizer]:
+    return [opt.optimizer for opt in engine.optimizers]
+
+
+def _optimizer_tensors(engine) -> list[torch.Tensor]:
+    """Optimizer state plus ZeRO-1's fp32 master slices (what benchmarks/parallel_memory.py counts)."""
+    states = [v for opt in _torch_optimizers(engine) for st in opt.state.values() for v in st.values()
+              if torch.is_tensor(v) and v.numel() > 1]
+    return states + [m for opt in engine.optimizers for m in getattr(opt, "masters", {}).values()]
+
+
 def _measure(cfg: JobConfig, layout: Layout, engine, steps: int) -> Measured:
-    part, optimizers = engine.model_parts[0], engine.optimizers
+    """The engine's own step, phase by phase: forward/backward per micro-batch, then its optimizer
+    strategy's reduce (ZeRO-1's reduce-scatter), step and zero."""
+    part = engine.model_parts[0]
     n_micro = layout.microbatches(cfg.train.global_batch)
     tokens = torch.randint(0, cfg.model.vocab_size, (layout.micro_batch, cfg.data.seq_len))
     positions = torch.arange(cfg.data.seq_len).expand_as(tokens)
     tracker = _Tracker()
-    tracker.track_external(part, *optimizers)
+    tracker.track_external(part, *_torch_optimizers(engine))
     activations, peak, phases = 0, 0, {}
     with tracker:
         for step in range(steps):
@@ -167,17 +182,27 @@ def _measure(cfg: JobConfig, layout: Layout, engine, steps: int) -> Measured:
             if last:
                 phases["forward/backward"] = _phase_peak(tracker)
                 peak = phases["forward/backward"]["Total"]
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=not last)
+                grads = [p.grad for p in part.parameters() if p.grad is not None]
+                grad_bytes = _nbytes(grads)
+                del grads
+            for opt in engine.optimizers:
+                opt.reduce_grads()
+            if last:
+                phases["reduce"] = _phase_peak(tracker)
+                peak = max(peak, phases["reduce"]["Total"])
+                masters = [m.grad for opt in engine.optimizers for m in getattr(opt, "masters", {}).values()
+                           if m.grad is not None]
+                grad_bytes = max(grad_bytes, _nbytes(masters))
+                del masters
+            for opt in engine.optimizers:
+                opt.step(cfg.optim.lr)
+                if not last:
+                    opt.zero_grad()
             if last:
                 phases["optimizer"] = _phase_peak(tracker)
                 peak = max(peak, phases["optimizer"]["Total"])
     params = [p for p in part.parameters()]
-    grads = [p.grad for p in params if p.grad is not None]
-    opt_states = [v for opt in optimizers for st in opt.state.values() for v in st.values()
-                  if torch.is_tensor(v) and v.numel() > 1]
-    return Measured(_nbytes(params), _nbytes(grads), _nbytes(opt_states), activations, peak, phases)
+    return Measured(_nbytes(params), grad_bytes, _nbytes(_optimizer_tensors(engine)), activations, peak, phases)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -238,11 +263,9 @@ def measure_schedule_peak(engine, micro_batches, n_labels: int) -> tuple[Measure
     rank, with the state sizes after it; returns (measurement, peak)."""
     tensors = [t for part in engine.model_parts for t in (*part.parameters(), *part.buffers())]
     tensors += [p.grad for p in tensors if p.grad is not None]
-    tensors += [v for opt in engine.optimizers for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    tensors += _optimizer_tensors(engine)
     tracker = LiveBytes(tensors)
     with tracker:
         engine.train_step(micro_batches, n_labels, engine.cfg.optim.lr)
     params = [p for part in engine.model_parts for p in part.parameters()]
-    opt_states = [v for opt in engine.optimizers for st in opt.state.values() for v in st.values()
-                  if torch.is_tensor(v) and v.numel() > 1]
-    return Measured(_nbytes(params), 0, _nbytes(opt_states), 0, tracker.peak), tracker.peak
+    return Measured(_nbytes(params), 0, _nbytes(_optimizer_tensors(engine)), 0, tracker.peak), tracker.peak

@@ -35,9 +35,12 @@ gradient sync until the last micro-batch, so a stage also holds all its unsharde
 unsharded gradient accumulators. Under TP, DTensor's embedding backward builds the whole-vocabulary
 gradient on every TP rank, and AdamW's step on the vocab-sharded embedding a whole-vocabulary fp32
 temporary (both measured). Without accumulation, backward trades activations for gradients: the
-peak holds the larger of the two. ZeRO-1 (Megatron's distributed optimizer, the Frontier paper's layout): e
-bytes of params + 4 of fp32 gradients + 12/dp (fp32 master + moments; 8/dp in fp32). DeepSpeed
-ZeRO-1/2/3 as in benchmarks/parallel_memory.py (fp32 master + moments = 12/dp, params/grads by stage).
+peak holds the larger of the two. Native ZeRO-1 (`zero_stage=1`, exatrain.engine.optimizer, the
+Frontier paper's layout) has no FSDP, so bf16 runs under autocast like one process: fp32 params and
+fp32 gradients whole (4 + 4 bytes), a bf16 cast of every matmul weight until backward (2), and 12/dp
+of optimizer state (fp32 master slice + two moments, in fp32 runs too); its reduce-scatter and
+all-gather add whole fp32 buffers after backward (see `_optimizer_phase`). DeepSpeed ZeRO-1/2/3 as in
+benchmarks/parallel_memory.py (fp32 master + moments = 12/dp, params/grads by stage).
 """
 
 from __future__ import annotations
@@ -102,9 +105,20 @@ class Shape:
         return self.vocab * self.h / tp
 
 
+def uses_fsdp(lay: Layout) -> bool:
+    """The native engine wraps the model in FSDP2 (exatrain.parallel.parallelize.uses_fsdp)."""
+    return lay.engine == "native" and lay.dp > 1 and lay.zero_stage != 1
+
+
+def native_zero1(lay: Layout) -> bool:
+    """exatrain's own ZeRO-1 (exatrain.engine.optimizer.ZeroOneOptimizer)."""
+    return lay.engine == "native" and lay.dp > 1 and lay.zero_stage == 1
+
+
 def autocast(s: Shape, lay: Layout) -> bool:
-    """bf16 without FSDP runs under torch.autocast (fp32 weights and residual stream, bf16 matmuls)."""
-    return s.e == 2 and lay.engine == "native" and lay.dp == 1
+    """bf16 without FSDP (one process, or native ZeRO-1) runs under torch.autocast: fp32 weights and
+    residual stream, bf16 matmuls."""
+    return s.e == 2 and lay.engine == "native" and not uses_fsdp(lay)
 
 
 def residual_bytes(s: Shape, lay: Layout) -> int:
@@ -237,7 +251,7 @@ def stage_plan(s: Shape, lay: Layout, all_ranks: bool = True) -> dict[int, tuple
 def _states(s: Shape, lay: Layout, p: float, unit: float, root: float, embed: float) -> tuple[float, ...]:
     """(params, grads, optimizer, held buffers, transient buffers) bytes for `p` local parameters; `unit` is
     one block, `root` the root FSDP unit (embedding, final norm, head), `embed` the embedding's share of `p`."""
-    e, dp, ds, bf16 = s.e, lay.dp, lay.dp_shard, s.e == 2
+    e, dp, ds = s.e, lay.dp, lay.dp_shard
     shard = lay.sharding
     if lay.engine == "deepspeed":
         master = 12 * p / dp
@@ -245,10 +259,11 @@ def _states(s: Shape, lay: Layout, p: float, unit: float, root: float, embed: fl
             return e * p / dp, e * p / dp, master, 0.0, 2 * e * unit
         grads = e * p if shard in ("none", "zero1") else e * p / dp + e * min(p, DS_REDUCE_BUCKET)
         return e * p, grads, master, 0.0, 0.0
-    if shard == "zero1":
-        return e * p, 4 * p, (12 if bf16 else 8) * p / dp, 0.0, 0.0
-    if lay.dp == 1:  # autocast keeps a bf16 cast of every matmul weight (not the embedding lookup) until backward
-        return 4 * p, 4 * p, 8 * p, (2 * (p - embed) if autocast(s, lay) else 0.0), 0.0
+    casts = 2 * (p - embed) if autocast(s, lay) else 0.0  # bf16 cast of every matmul weight, kept until backward
+    if native_zero1(lay):  # fp32 params and gradients whole; fp32 master slices + moments: 12 bytes / dp
+        return 4 * p, 4 * p, 12 * p / dp, casts, 0.0
+    if lay.dp == 1:
+        return 4 * p, 4 * p, 8 * p, casts, 0.0
     sharded = 4 * p / ds
     if lay.pp > 1:  # pipelining keeps every unit unsharded and accumulates fp32 unsharded grads until the last
         return sharded, sharded, 2 * sharded, e * p + 4 * p, 0.0
@@ -259,18 +274,47 @@ def _states(s: Shape, lay: Layout, p: float, unit: float, root: float, embed: fl
     return sharded, sharded, 2 * sharded, 0.0, e * (root + 2 * unit + largest)
 
 
-def _adam_temporary(s: Shape, lay: Layout, k: Kernels, p: float, layers: int) -> float:
+def _largest(s: Shape, lay: Layout, layers: int, first: bool, last: bool) -> float:
+    """Elements of the largest local parameter tensor."""
+    vocab = s.vocab_params(lay.tp) if first or last else 0.0
+    return max(vocab, s.h * s.ffn / lay.tp if layers else 0.0, s.h * max(s.h, s.kv) / lay.tp if layers else 0.0)
+
+
+def _adam_temporary(s: Shape, lay: Layout, k: Kernels, layers: int, largest: float) -> float:
     """AdamW's step temporaries: foreach (GPU) allocates one fp32 tensor per parameter of the largest
     group (the hidden matrices) at once; per-tensor (CPU) about two of the largest tensor."""
-    if lay.sharding in ("none",) or lay.engine == "native" and lay.sharding == "zero1":
-        opt_div = 1 if lay.sharding == "none" else lay.dp
+    if lay.sharding == "none":
+        opt_div = 1
     else:
-        opt_div = lay.dp if lay.engine == "deepspeed" else lay.dp_shard
+        opt_div = lay.dp_shard if uses_fsdp(lay) else lay.dp
     if k.foreach_adam:
         hidden = layers * (s.layer_params(lay.tp) - 2 * s.h)
         return 4 * hidden / opt_div
-    largest = max(s.vocab_params(lay.tp), s.h * s.ffn / lay.tp)
     return 8 * largest / opt_div
+
+
+def _optimizer_phase(s: Shape, lay: Layout, k: Kernels, states: tuple[float, float, float], p: float, layers: int,
+                     first: bool, last: bool) -> float:
+    """Peak bytes after backward (activations freed): the data-parallel reduction and the optimizer step.
+
+    Native ZeRO-1 (exatrain.engine.optimizer.ZeroOneOptimizer) reduces by padding each fp32 gradient to
+    dp equal chunks and concatenating them rank-major before one reduce-scatter, so the padded copies and
+    the concatenated buffer (4 bytes per parameter each) coexist with the gradients; after AdamW on the
+    slices, the slices are concatenated and all-gathered into a whole fp32 buffer (4 bytes per parameter)
+    that each parameter copies from through one strided column (one copy of the largest tensor)."""
+    params, grads, opt = states
+    largest = _largest(s, lay, layers, first, last)
+    adam = _adam_temporary(s, lay, k, layers, largest)
+    if native_zero1(lay):
+        slices = 4 * p / lay.dp
+        reduce = params + grads + opt + 8 * p
+        step = params + opt + slices + adam
+        gather = params + opt + 2 * slices + 4 * p + 4 * largest
+        return max(reduce, step, gather)
+    step = params + grads + opt + adam
+    if first and lay.tp > 1:  # AdamW on the vocab-sharded embedding materialises a whole-vocabulary fp32 tensor
+        step += 4 * s.vocab * s.h * (1 - 1 / lay.tp)
+    return step
 
 
 def estimate_memory(cfg: JobConfig, lay: Layout, kernels: Kernels | None = None,
@@ -305,19 +349,14 @@ def estimate_memory(cfg: JobConfig, lay: Layout, kernels: Kernels | None = None,
             acts += logits_held * kept * tokens
             transient = max(transient, unit_transient + peak * tokens)
         if first and lay.tp > 1:  # DTensor's embedding backward builds the whole-vocabulary gradient on every TP rank
-            grad_e = 4 if lay.dp == 1 or lay.engine == "deepspeed" else s.e
+            grad_e = s.e if uses_fsdp(lay) else 4
             transient = max(transient, grad_e * s.vocab * s.h * (1 - 1 / lay.tp))
-        # one micro-batch: gradients are created while backward frees the activations
-        held_grads = not (lay.microbatches(cfg.train.global_batch) == 1 and lay.engine == "native"
-                          and lay.sharding != "zero1")
-        step = params + grads + opt + _adam_temporary(s, lay, k, p, layers)
-        if first and lay.tp > 1:  # AdamW on the vocab-sharded embedding materialises a whole-vocabulary fp32 tensor
-            step += 4 * s.vocab * s.h * (1 - 1 / lay.tp)
+        # one micro-batch: gradients are created while backward frees the activations (native engine: the
+        # previous step's gradients are gone, set to None by the optimizer or by ZeRO-1's reduce-scatter)
+        held_grads = not (lay.microbatches(cfg.train.global_batch) == 1 and lay.engine == "native")
+        step = _optimizer_phase(s, lay, k, (params, grads, opt), p, layers, first, last)
         ranks.append(RankMemory(r, params, grads, opt, buffers, acts, transient, step, held_grads))
-    notes = []
-    if lay.sharding == "zero1":
-        notes.append("ZeRO-1 with the native engine is not implemented yet (Megatron distributed-optimizer bytes)")
-    return MemoryEstimate(ranks, notes)
+    return MemoryEstimate(ranks)
 
 
 def korthikanti_activation_bytes(s: int, b: int, h: int, a: int, layers: int, t: int, sp: bool,

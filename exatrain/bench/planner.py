@@ -2,14 +2,15 @@
 rank by predicted tokens/s, and say in one line why each top layout wins (DESIGN.md §12).
 
 Validity is decided by the trainer's own validator (`ParallelDims.from_config` via
-`exatrain.bench.layout.check`), so a proposed layout always starts. Layouts the engine cannot run yet
-(ZeRO-1 composed with TP/PP, the Frontier paper's) can be evaluated as "what-if" candidates; they are
-reported apart and never ranked among the proposals.
+`exatrain.bench.layout.check`), so a proposed layout always starts. The space covers TP, PP (every
+schedule), FSDP2 (zero_stage 2/3), HSDP, native ZeRO-1 composed with TP and PP (the Frontier
+paper's layout), DeepSpeed ZeRO-1/2/3 (pure data parallelism), micro-batch and activation
+checkpointing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import product
 
 from exatrain.bench.hardware import Cluster
@@ -59,9 +60,9 @@ class Candidate:
 @dataclass
 class Plan:
     ranked: list[Candidate]  # accepted by the validator and under the cap, best first
-    what_if: list[Candidate]  # ranked layouts the engine cannot run yet (e.g. native ZeRO-1 with TP/PP)
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
     cap_gib: float = 0.0
+    evaluated: int = 0
 
 
 def _divisors(n: int) -> list[int]:
@@ -69,8 +70,8 @@ def _divisors(n: int) -> list[int]:
 
 
 def enumerate_layouts(cfg: JobConfig, devices: int, *, max_micro_batch: int = 8, ac_modes=AC_MODES,
-                      include_zero1: bool = False, max_tp: int = 64, virtual_stages=(2,),
-                      sequence_parallel=(True,)) -> list[Layout]:
+                      max_tp: int = 64, virtual_stages=(2,), sequence_parallel=(True,),
+                      engines=("native", "deepspeed")) -> list[Layout]:
     """Every combination of degrees, schedule, engine/ZeRO stage, micro-batch and AC for `devices` ranks
     (validity is not checked here)."""
     m, gbs = cfg.model, cfg.train.global_batch
@@ -89,45 +90,48 @@ def enumerate_layouts(cfg: JobConfig, devices: int, *, max_micro_batch: int = 8,
             for (sched, v), rep in product(scheds, _divisors(dp)):
                 shard = dp // rep
                 # under PP, pipelining keeps FSDP units gathered anyway: zero_stage 2 and 3 are the same run
-                engines = [("native", 3)] + ([("native", 2)] if shard > 1 and pp == 1 else [])
+                choices = [("native", 3)] + ([("native", 2)] if shard > 1 and pp == 1 else [])
+                if rep == 1 and dp > 1:
+                    choices.append(("native", 1))  # ZeRO-1: replicated params and grads, sharded optimizer
                 if tp == pp == 1 and rep == 1 and dp > 1:
-                    engines += [("deepspeed", z) for z in (1, 2, 3)]
-                if include_zero1 and rep == 1 and dp > 1:
-                    engines.append(("native", 1))
-                for (engine, zero), mb, ac, sp in product(engines, _divisors(gbs // dp), ac_modes, sequence_parallel):
+                    choices += [("deepspeed", z) for z in (1, 2, 3)]
+                choices = [c for c in choices if c[0] in engines]
+                for (engine, zero), mb, ac, sp in product(choices, _divisors(gbs // dp), ac_modes, sequence_parallel):
                     if mb > max_micro_batch or (not sp and tp == 1):
                         continue
                     out.append(Layout(tp, pp, shard, rep, v, sched, engine, zero, mb, ac, sp))
     return out
 
 
+def default_kernels(cl: Cluster) -> Kernels:
+    """The local cluster runs on CPU; every other profile on GPUs."""
+    return Kernels.for_device("cpu" if cl.name == "local" else "gpu")
+
+
 def evaluate(cfg: JobConfig, lay: Layout, cl: Cluster, kernels: Kernels | None = None) -> Candidate:
     """Memory and time of one layout, valid or not."""
-    k = kernels or Kernels.for_device("gpu")
+    k = kernels or default_kernels(cl)
     return Candidate(lay, estimate_memory(cfg, lay, k), estimate_step_time(cfg, lay, cl), check(cfg, lay))
 
 
 def plan(cfg: JobConfig, devices: int, cl: Cluster, *, cap_gib: float | None = None, top: int = 10,
-         kernels: Kernels | None = None, include_zero1: bool = False, **enum) -> Plan:
+         kernels: Kernels | None = None, **enum) -> Plan:
     """Rank all accepted layouts that fit under `cap_gib` (default 90% of the device memory) by tokens/s."""
     cap = cap_gib if cap_gib is not None else 0.9 * cl.device.memory_gib
-    k = kernels or Kernels.for_device("cpu" if cl.name == "local" else "gpu")
-    result = Plan([], [], {"validator": 0, "memory": 0}, cap)
-    for lay in enumerate_layouts(cfg, devices, include_zero1=include_zero1, **enum):
+    k = kernels or default_kernels(cl)
+    result = Plan([], {"validator": 0, "memory": 0}, cap)
+    for lay in enumerate_layouts(cfg, devices, **enum):
+        result.evaluated += 1
         mem = estimate_memory(cfg, lay, k, all_ranks=False)
         if mem.peak / GIB > cap:
             result.rejected["memory"] += 1
             continue
-        invalid = check(cfg, lay)
-        # a ZeRO-1 what-if must be valid in every other respect (checked as the FSDP layout it replaces)
-        if invalid and (lay.sharding != "zero1" or check(cfg, replace(lay, zero_stage=2))):
+        if check(cfg, lay):
             result.rejected["validator"] += 1
             continue
-        cand = Candidate(lay, mem, estimate_step_time(cfg, lay, cl), invalid)
-        (result.what_if if invalid else result.ranked).append(cand)
+        result.ranked.append(Candidate(lay, mem, estimate_step_time(cfg, lay, cl), None))
     result.ranked.sort(key=lambda c: -c.tokens_per_s)
-    result.what_if.sort(key=lambda c: -c.tokens_per_s)
-    del result.ranked[top:], result.what_if[top:]
+    del result.ranked[top:]
     return result
 
 
@@ -140,8 +144,7 @@ def format_plan(p: Plan, cl: Cluster, title: str = "") -> str:
     header = ["#", "layout", "tokens/s", "step s", "TFLOP/s/dev", "MFU", "peak GiB", "why"]
     out = [title] if title else []
     out.append(format_table(header, rows(p.ranked)) if p.ranked else "no accepted layout fits")
-    if p.what_if:
-        out += ["", "what-if (the engine cannot run these yet):", format_table(header, rows(p.what_if))]
-    out.append(f"rejected: {p.rejected['validator']} by the validator, {p.rejected['memory']} over "
+    out.append(f"{p.evaluated} layouts evaluated; rejected: {p.rejected['validator']} by the validator, "
+               f"{p.rejected['memory']} over "
                f"{p.cap_gib:.0f} GiB; hardware: {cl.gemm.source}; links {cl.intra.source}")
     return "\n".join(out)

@@ -11,8 +11,11 @@ Bubble: (pp−1)/(v·m) of the m micro-batches, scaled for the zero-bubble sched
 (T_F + T_B − T_W) (ZB-H1, InterleavedZeroBubble) and (T_F + T_B − 2·T_W) (ZBV) over (T_F + T_B + T_W).
 DP: FSDP2 gathers parameters and reduce-scatters fp32 gradients every micro-batch, hidden behind up to
 `cluster.overlap` of the micro-batch's compute but never better than one unit exposed (under PP only
-once per step, and the reduction is exposed); ZeRO-1/DeepSpeed ZeRO-1/2 reduce once per step after
-backward and all-gather the updated parameters (exposed).
+once per step, and the reduction is exposed); DeepSpeed ZeRO-1/2 reduce once per step after
+backward and all-gather the updated parameters (exposed); native ZeRO-1 likewise, in fp32 both ways
+(fp32 gradients reduce-scattered, fp32 master slices all-gathered) plus its buffer copies. bf16 under
+autocast (one process, native ZeRO-1) adds the weight casts (once per step) and fp32 gradient
+accumulation (every micro-batch) at HBM bandwidth.
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ from dataclasses import dataclass, replace
 from exatrain.bench.flops import flops_per_token, megatron_flops_per_iteration
 from exatrain.bench.hardware import Cluster
 from exatrain.bench.layout import Layout
-from exatrain.bench.memory import Shape, residual_bytes, stage_plan
+from exatrain.bench.memory import (
+    Shape,
+    autocast,
+    native_zero1,
+    residual_bytes,
+    stage_plan,
+    uses_fsdp,
+)
 from exatrain.config import JobConfig
 
 
@@ -159,10 +169,13 @@ def _dp_comm(s: Shape, lay: Layout, cl: Cluster, p: float, m: int, mb_compute: f
     shard_link, shard_bw = cl.link(lay.dp_shard, inner)
     rep_link, rep_bw = cl.link(lay.dp_replicate, inner * lay.dp_shard)
     shard = lay.sharding
+    if native_zero1(lay):  # fp32 gradients reduce-scattered, fp32 master slices all-gathered, after the last micro-batch
+        link, bw = cl.link(lay.dp, inner)
+        copies = 16 * 4 * p / (cl.gemm.hbm_gbs * 1e9)  # pad + concatenate before, concatenate + strided copy after
+        return link.time("reduce_scatter", 4 * p, lay.dp, bw) + link.time("all_gather", 4 * p, lay.dp, bw) + copies
     if shard in ("zero1", "zero2") or lay.engine == "deepspeed" and shard != "zero3":
-        grad_bytes = 4 * p if shard == "zero1" and lay.engine == "native" else e * p
         n, link, bw = lay.dp, *cl.link(lay.dp, inner)
-        return link.time("reduce_scatter", grad_bytes, n, bw) + link.time("all_gather", e * p, n, bw)
+        return link.time("reduce_scatter", e * p, n, bw) + link.time("all_gather", e * p, n, bw)
     if shard == "zero3":  # DeepSpeed ZeRO-3: gather in forward and backward, reduce-scatter, every micro-batch
         link, bw = cl.link(lay.dp, inner)
         per_mb = 2 * link.time("all_gather", e * p, lay.dp, bw) + link.time("reduce_scatter", e * p, lay.dp, bw)
@@ -178,16 +191,41 @@ def _dp_comm(s: Shape, lay: Layout, cl: Cluster, p: float, m: int, mb_compute: f
     return m * max(per_mb - cl.overlap * mb_compute, per_mb * unit / p)
 
 
+def _grad_accumulation(s: Shape, lay: Layout, p: float, m: int) -> tuple[float, float]:
+    """(per step, per micro-batch) HBM bytes that gradient accumulation and autocast add outside the GEMMs.
+    Every micro-batch after the first adds its weight gradients into fp32 accumulators (read both, write
+    one: 12 bytes per element; FSDP2 without PP accumulates its reduce-scattered shards, under PP the
+    whole unsharded gradients), spread here over all m micro-batches; under autocast the bf16 weight
+    gradient is first cast to fp32 (read 2, write 4) every micro-batch, and every weight is cast to bf16
+    once per step (read 4, write 2; the cast is cached across the step's micro-batches)."""
+    whole = p / lay.dp_shard if uses_fsdp(lay) and lay.pp == 1 else p
+    per_mb = 12 * whole * max(0, m - 1) / m
+    if autocast(s, lay):
+        return 6 * p, per_mb + 6 * p
+    return 0.0, per_mb
+
+
+def _local_params(s: Shape, lay: Layout, layers: int, first: bool, last: bool) -> float:
+    unit = s.layer_params(lay.tp)
+    return max(layers * unit + (s.vocab_params(lay.tp) if first else 0) + (s.vocab_params(lay.tp) if last else 0),
+               unit)
+
+
 def estimate_step_time(cfg: JobConfig, lay: Layout, cl: Cluster) -> StepTime:
     s = Shape.of(cfg)
     gbs = cfg.train.global_batch
     m = lay.microbatches(gbs)
     plan = stage_plan(s, lay, all_ranks=False)  # the first or the last pipeline rank is the slowest
-    mbs = {r: _micro_batch(s, lay, cl, layers, first, last) for r, (layers, first, last, _) in plan.items()}
+    hbm = cl.gemm.hbm_gbs * 1e9
+    mbs, per_step = {}, {}
+    for r, (layers, first, last, _) in plan.items():
+        mb = _micro_batch(s, lay, cl, layers, first, last)
+        once, every = _grad_accumulation(s, lay, _local_params(s, lay, layers, first, last), m)
+        mbs[r], per_step[r] = replace(mb, bwd_weight=mb.bwd_weight + every / hbm), once / hbm
     slow = max(mbs, key=lambda r: mbs[r].total)
     mb = mbs[slow]
     layers, first, last, _ = plan[slow]
-    compute = m * (mb.fwd + mb.bwd_input + mb.bwd_weight + mb.recompute)
+    compute = m * (mb.fwd + mb.bwd_input + mb.bwd_weight + mb.recompute) + per_step[slow]
     tp_comm = m * mb.tp_comm
     bubble = _bubble_fraction(lay, m, mb) * m * mb.total
     tokens = lay.micro_batch * s.seq
@@ -197,8 +235,7 @@ def estimate_step_time(cfg: JobConfig, lay: Layout, cl: Cluster) -> StepTime:
         size = tokens * s.h * residual_bytes(s, lay) / (lay.tp if lay.sp else 1)
         p2p = (m * lay.virtual_stages + lay.pp - 1) * 2 * link.time("p2p", size, 2, bw)
     unit = s.layer_params(lay.tp)
-    p = max(layers * unit + (s.vocab_params(lay.tp) if first else 0) + (s.vocab_params(lay.tp) if last else 0),
-            unit)
+    p = _local_params(s, lay, layers, first, last)
     dp = _dp_comm(s, lay, cl, p, m, mb.fwd + mb.bwd_input + mb.bwd_weight, unit)
     opt_params = p / (lay.dp_shard if lay.sharding.startswith("fsdp") else
                       lay.dp if lay.sharding in ("zero1", "zero2", "zero3") else 1)

@@ -1,4 +1,4 @@
-"""Command line: `exatrain train | print-config | launch | eval ...`."""
+"""Command line: `exatrain train | print-config | launch | eval | plan | bench ...`."""
 
 from __future__ import annotations
 
@@ -70,6 +70,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from exatrain.bench.cli import cmd_plan as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exatrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--seed", type=int, default=None)
     es.add_argument("--json", metavar="FILE", help="also write the full result (per-prompt scores) as JSON")
     p.set_defaults(func=cmd_eval)
+    from exatrain.bench.cli import add_bench_arguments, add_plan_arguments
+
+    p = sub.add_parser("plan", help="rank parallel layouts for N devices by predicted tokens/s (memory-checked)")
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("bench", help="micro-benchmarks (gemm, comm) and scaling sweeps")
+    add_bench_arguments(p)
     return parser
 
 

@@ -378,6 +378,18 @@ class PrecisionConfig:
 
 
 @dataclass
+class BenchConfig:
+    """Per-run measurement for `exatrain bench scaling` / `exatrain plan --measure` (exatrain.bench.probe,
+    enabled by train.callbacks=[bench_probe]): train.steps = warmup + timed + profile_steps (+1 with
+    memory_step). profile_steps run under torch.profiler for the compute/communication/bubble breakdown;
+    memory_step tracks live tensor bytes through one extra step (CPU; on GPU the allocator's peak)."""
+
+    warmup_steps: int = 2
+    profile_steps: int = 1
+    memory_step: bool = False
+
+
+@dataclass
 class JobConfig:
     """plugins: extra modules imported before resolution (on every rank) to register components."""
 
@@ -396,6 +408,7 @@ class JobConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     send: SendConfig = field(default_factory=SendConfig)
     eigenscore: EigenScoreConfig = field(default_factory=EigenScoreConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped inside the package
@@ -559,6 +572,8 @@ def validate(cfg: JobConfig) -> None:
     require(cfg.metrics.peak_tflops >= 0, "metrics.peak_tflops", "must be >= 0 (0 = look up or measure)")
     c = cfg.checkpoint
     require(c.every >= 0 and c.keep >= 1, "checkpoint.keep", "keep must be >= 1 and every >= 0")
+    b = cfg.bench
+    require(b.warmup_steps >= 0 and b.profile_steps >= 0, "bench.warmup_steps", "step counts must be >= 0")
     p = cfg.parallel
     for key in ("tp", "pp", "dp_shard", "dp_replicate"):
         require(getattr(p, key) == -1 or getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1 or -1 (infer)")

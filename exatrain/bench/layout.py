@@ -116,6 +116,18 @@ def to_config(cfg: JobConfig, layout: Layout) -> JobConfig:
     return out
 
 
+def overrides(cfg: JobConfig, layout: Layout) -> list[str]:
+    """`to_config` as dotlist overrides, for a command line (`exatrain train CONFIG ...`)."""
+    out = to_config(cfg, layout)
+    p, t = out.parallel, out.train
+    return [f"parallel.tp={p.tp}", f"parallel.pp={p.pp}", f"parallel.dp_shard={p.dp_shard}",
+            f"parallel.dp_replicate={p.dp_replicate}", f"parallel.engine={p.engine}", f"parallel.zero_stage={p.zero_stage}",
+            f"parallel.sequence_parallel={str(p.sequence_parallel).lower()}", f"parallel.pp_schedule={p.pp_schedule}",
+            f"parallel.pp_virtual_stages={p.pp_virtual_stages}", f"parallel.pp_microbatches={p.pp_microbatches}",
+            "parallel.pp_stage_layers=[]", f"train.micro_batch={t.micro_batch}",
+            f"train.global_batch={t.global_batch}", f"train.activation_checkpointing={t.activation_checkpointing}"]
+
+
 def check(cfg: JobConfig, layout: Layout) -> str | None:
     """None when the trainer accepts `layout` for `cfg`, else the validator's message."""
     if cfg.train.global_batch % (layout.dp * layout.micro_batch):

@@ -1,7 +1,8 @@
 """Micro-benchmarks that calibrate the time model: GEMM throughput and collective α/β per scope.
 
-    exatrain bench gemm [--config CFG] [--cluster NAME]          # one process
-    torchrun --nproc-per-node=N -m exatrain bench comm --ranks-per-node R --cluster NAME
+    exatrain bench gemm [CONFIG [overrides]] [--cluster NAME]        # one process
+    exatrain bench comm --nproc N [--cluster NAME]                   # starts torchrun itself (local)
+    srun ... python -m exatrain bench comm --cluster NAME            # or under torchrun / srun
 
 `gemm` times torch.matmul over a sweep of shapes (squares plus, given a job config, exactly the
 GEMMs of its blocks under TP 1..8) and reports TFLOP/s and efficiency vs the device's peak. `comm`
@@ -160,7 +161,7 @@ def _time_op(op: str, nbytes: int, group, peer: int | None, device: torch.device
 
 
 def comm(ranks_per_node: int, sizes: tuple[int, ...] = (2**18, 2**20, 2**22, 2**24), ops: tuple[str, ...] = OPS,
-         cluster: str = "local", repeats: int = 5, directory: Path | None = None) -> dict:
+         cluster: str = "local", repeats: int = 5, directory: Path | None = None, device: str | None = None) -> dict:
     """Benchmark collectives in both scopes on the current process group; returns {scope: fit}, rows included.
 
     Ranks r and r + ranks_per_node are on different nodes; inter-node groups run concurrently, so the
@@ -169,7 +170,9 @@ def comm(ranks_per_node: int, sizes: tuple[int, ...] = (2**18, 2**20, 2**22, 2**
     if world % ranks_per_node:
         raise ValueError(f"world size {world} is not a multiple of ranks_per_node={ranks_per_node}")
     nodes = world // ranks_per_node
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if device is None:
+        device = "cuda" if "nccl" in str(dist.get_backend()) else "cpu"
+    device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     intra = [dist.new_group(list(range(i * ranks_per_node, (i + 1) * ranks_per_node))) for i in range(nodes)]
     inter = [dist.new_group(list(range(i, world, ranks_per_node))) for i in range(ranks_per_node)]
     # (group, its size, p2p peer or None when the ranks cannot all pair up, groups sharing a node's links)

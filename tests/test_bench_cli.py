@@ -111,13 +111,13 @@ def test_plan_measure_runs_the_top_layout(tmp_path):
     cache = tmp_path / "bench"
     gemm_cmd = [sys.executable, "-m", "exatrain", "bench", "gemm", "tiny.yaml", *TINY, "--tp", "1", "--repeats", "2"]
     e = {**env(tmp_path), "EXATRAIN_BENCH_DIR": str(cache)}
-    assert subprocess.run(gemm_cmd, cwd=REPO, env=e, capture_output=True, timeout=300).returncode == 0
+    assert subprocess.run(gemm_cmd, cwd=REPO, env=e, capture_output=True, timeout=300, check=False).returncode == 0
     cmd = [sys.executable, "-m", "exatrain", "plan", "tiny.yaml", *TINY, "--devices", "1", "--cluster", "local",
            "--measure", "1", "--steps", "2", "--out", str(tmp_path / "runs"), "--cap-gib", "4"]
     proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     row = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith("1 ") and ln.rstrip().endswith("ok"))
-    pred_mib, meas_mib, ratio = row.split()[-4:-1]
+    ratio = row.split()[-2]
     assert 0.8 < float(ratio) < 1.25, row  # memory model vs live tensor bytes
 
 

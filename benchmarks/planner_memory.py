@@ -5,7 +5,8 @@
 (a) real CPU runs: one process (fp32, bf16 autocast, every AC mode) and torchrun with 2 and 4 gloo ranks
     (FSDP2, TP+SP, PP under GPipe/1F1B/ZBV, PP x FSDP), every rank's parameter/gradient/optimizer bytes
     and the step's peak of live tensors (torch MemTracker; pipeline peaks per rank);
-(b) FakeTensorMode at the Frontier 22B/175B/1T shapes (2 blocks, the paper's TP, FSDP over 2 fake ranks):
+(b) FakeTensorMode at the Frontier 22B/175B/1T shapes (2 blocks, the paper's TP, FSDP2 ZeRO-3 or native ZeRO-1
+    over 2 fake data-parallel ranks):
     per-rank bytes without allocating, then the full-depth prediction for the paper layouts;
 (c) Korthikanti et al. 2022's 22B activation anchors and what our Llama block holds at the same shape.
 Writes benchmarks/out/planner_memory.{json,md}.
@@ -136,8 +137,8 @@ def frontier_shapes() -> list[dict]:
                                                             "train.global_batch=2", "train.micro_batch=1",
                                                             "parallel.pp=1", "parallel.pp_microbatches=0",
                                                             ])
-        for ac in ("none", "full"):
-            lay = Layout(tp=tp, dp_shard=2, micro_batch=1, activation_checkpointing=ac)
+        for zero, ac in ((3, "none"), (3, "full"), (1, "none"), (1, "full")):
+            lay = Layout(tp=tp, dp_shard=2, micro_batch=1, activation_checkpointing=ac, zero_stage=zero)
             with fake_world(lay.world):
                 got = measure_step(cfg, lay, fake=True)
             pred = estimate_memory(cfg, lay, Kernels.for_device("cpu")).ranks[0]
@@ -199,7 +200,8 @@ def report(rows: list[dict], frontier: list[dict], paper: list[dict], kor: dict)
                      f"{ratio(r.get('optim_measured'), r['optim_pred'])} | {mib(r.get('act_measured'))} ({mib(r['act_pred'])}) | "
                      f"{ratio(r.get('act_measured'), r['act_pred'])} | {mib(r.get('peak_measured'))} ({mib(r['peak_pred'])}) | "
                      f"{ratio(r.get('peak_measured'), r['peak_pred'])} |")
-    lines += ["", "### Frontier shapes under FakeTensorMode (2 blocks, bf16, FSDP over 2 fake ranks, seq 2048, mb 1)", "",
+    lines += ["", "### Frontier shapes under FakeTensorMode (2 blocks, bf16, FSDP2 ZeRO-3 or native ZeRO-1 over 2 fake ranks, "
+              "seq 2048, mb 1)", "",
               "| model | layout | params | grads | optim | act GiB (pred) | peak GiB (pred) |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in frontier:
         lines.append(f"| {r['kind']} | {r['layout']} | {ratio(r['params_measured'], r['params_pred'])} | "

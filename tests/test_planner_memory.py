@@ -1,6 +1,6 @@
 """The memory model (exatrain.bench.memory) against what a real step holds: parameter, gradient and
 optimizer bytes exactly (native ZeRO-1's fp32 master slices count as optimizer state), activations to 1%,
-the step's peak to 15% (8% at 22B shapes), measured on CPU with torch's
+the step's peak to 15% (5% at 22B shapes), measured on CPU with torch's
 MemTracker through the trainer's own engine (fake tensors and a fake process group stand in for other
 ranks); pipeline in-flight counts against torch's own schedule action lists; Korthikanti et al.'s anchors."""
 
@@ -51,19 +51,21 @@ def test_formulas_match_a_measured_step(dtype, layout):
     assert got.peak == pytest.approx(rank.peak, rel=0.15)  # toy sizes: FSDP's root unit and transients dominate
 
 
-def test_22b_block_shapes_match_without_allocating():
+@pytest.mark.parametrize("zero_stage", [3, 1])
+def test_22b_block_shapes_match_without_allocating(zero_stage):
     """Two blocks of the Frontier 22B model (h 6144, 48 heads, ffn 16384, vocab 50304, seq 2048) under
-    TP2 x FSDP2 in bf16: FakeTensorMode measures the real per-rank bytes on CPU in a few seconds."""
+    TP2 x FSDP2 (ZeRO-3) or native ZeRO-1 in bf16: FakeTensorMode measures the real per-rank bytes on CPU in a
+    few seconds, and the phase-by-phase peak holds to 5% (TP2 here; the paper's TP1 is within 0.2%,
+    benchmarks/planner_memory.py)."""
     cfg = load_config("22b-frontier.yaml", ["model.n_layers=2", "model.attention=sdpa", "train.global_batch=2",
-                                                    "train.micro_batch=1", "parallel.pp=1", "parallel.pp_microbatches=0",
-                                                    ])
-    layout = Layout(tp=2, dp_shard=2, micro_batch=1)
+                                            "train.micro_batch=1", "parallel.pp=1", "parallel.pp_microbatches=0"])
+    layout = Layout(tp=2, dp_shard=2, micro_batch=1, zero_stage=zero_stage)
     with fake_world(layout.world):
         got = measure_step(cfg, layout, fake=True)
     rank = estimate_memory(cfg, layout, Kernels.for_device("cpu")).ranks[0]
     assert (got.params, got.grads, got.optimizer) == (rank.params, rank.grads, rank.optimizer)
-    assert got.activations == pytest.approx(rank.activations, rel=0.01)
-    assert got.peak == pytest.approx(rank.peak, rel=0.08)
+    assert got.activations == pytest.approx(rank.activations + rank.buffers, rel=0.01)
+    assert got.peak == pytest.approx(rank.peak, rel=0.05)
 
 
 def _torch_in_flight(schedule: str, pp: int, v: int, m: int) -> list[int]:

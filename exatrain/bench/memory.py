@@ -206,6 +206,7 @@ class RankMemory:
     transient: float
     optimizer_step: float  # the peak during the optimizer step (activations freed)
     grads_in_backward: bool  # gradients of earlier micro-batches (or persistent buffers) coexist with activations
+    backward: float = 0.0  # the forward/backward peak from a phase-by-phase model, where there is one (FSDP2 ZeRO-3)
 
     @property
     def states(self) -> float:
@@ -214,6 +215,8 @@ class RankMemory:
     @property
     def backward_peak(self) -> float:
         """Held gradients add to the activations; otherwise backward trades activations for gradients."""
+        if self.backward:
+            return self.backward
         held = self.grads + self.activations if self.grads_in_backward else max(self.grads, self.activations)
         return self.params + held + self.optimizer + self.buffers + self.transient
 
@@ -248,30 +251,37 @@ def stage_plan(s: Shape, lay: Layout, all_ranks: bool = True) -> dict[int, tuple
     return out
 
 
-def _states(s: Shape, lay: Layout, p: float, unit: float, root: float, embed: float) -> tuple[float, ...]:
-    """(params, grads, optimizer, held buffers, transient buffers) bytes for `p` local parameters; `unit` is
-    one block, `root` the root FSDP unit (embedding, final norm, head), `embed` the embedding's share of `p`."""
+def _states(s: Shape, lay: Layout, p: float, unit: float, root: float, embed: float,
+            head: float) -> tuple[float, ...]:
+    """(params, grads, optimizer, held buffers, gathered, reduce) bytes for `p` local parameters; `unit` is one
+    block, `root` the root FSDP unit (embedding, final norm, head), `embed` and `head` the embedding's and the
+    output head's shares of `p`. `gathered`: unsharded parameters alive while any block computes (forward,
+    recompute, the head's backward); `reduce`: the largest moment of a gradient reduction in backward."""
     e, dp, ds = s.e, lay.dp, lay.dp_shard
     shard = lay.sharding
     if lay.engine == "deepspeed":
         master = 12 * p / dp
         if shard == "zero3":
-            return e * p / dp, e * p / dp, master, 0.0, 2 * e * unit
+            return e * p / dp, e * p / dp, master, 0.0, 2 * e * unit, 0.0
         grads = e * p if shard in ("none", "zero1") else e * p / dp + e * min(p, DS_REDUCE_BUCKET)
-        return e * p, grads, master, 0.0, 0.0
+        return e * p, grads, master, 0.0, 0.0, 0.0
     casts = 2 * (p - embed) if autocast(s, lay) else 0.0  # bf16 cast of every matmul weight, kept until backward
     if native_zero1(lay):  # fp32 params and gradients whole; fp32 master slices + moments: 12 bytes / dp
-        return 4 * p, 4 * p, 12 * p / dp, casts, 0.0
+        return 4 * p, 4 * p, 12 * p / dp, casts, 0.0, 0.0
     if lay.dp == 1:
-        return 4 * p, 4 * p, 8 * p, casts, 0.0
+        return 4 * p, 4 * p, 8 * p, casts, 0.0, 0.0
     sharded = 4 * p / ds
     if lay.pp > 1:  # pipelining keeps every unit unsharded and accumulates fp32 unsharded grads until the last
-        return sharded, sharded, 2 * sharded, e * p + 4 * p, 0.0
-    largest = max(unit, root)
-    if lay.zero_stage == 2:  # gathered from forward to backward; one unit's unsharded grads in flight
-        return sharded, sharded, 2 * sharded, e * p, e * largest
-    # root unsharded through forward and backward, current + prefetched block, one unit's unsharded grads
-    return sharded, sharded, 2 * sharded, 0.0, e * (root + 2 * unit + largest)
+        return sharded, sharded, 2 * sharded, e * p + 4 * p, 0.0, 0.0
+    # A unit's reduce-scatter holds its unsharded gradients (+ their fp32 copy under bf16: reduce_dtype fp32)
+    # while the output head's unsharded gradient waits for the root unit's reduction at the end of backward.
+    rs = e + (4 if e == 2 else 0)
+    if lay.zero_stage == 2:  # gathered from forward until each unit's backward
+        return sharded, sharded, 2 * sharded, e * p, 0.0, max(e * head + rs * unit, rs * root)
+    # zero_stage 3: the root stays gathered through forward and backward, plus the current and prefetched block;
+    # during a block's reduction the next block is gathered, at the end only the root
+    gathered = e * (root + 2 * unit)
+    return sharded, sharded, 2 * sharded, 0.0, gathered, max(e * (root + unit + head) + rs * unit, e * root + rs * root)
 
 
 def _largest(s: Shape, lay: Layout, layers: int, first: bool, last: bool) -> float:
@@ -340,23 +350,61 @@ def estimate_memory(cfg: JobConfig, lay: Layout, kernels: Kernels | None = None,
             root -= s.vocab_params(lay.tp)
         p += root
         embed = s.vocab_params(lay.tp) if first else 0.0
-        params, grads, opt, buffers, unit_transient = _states(s, lay, p, s.layer_params(lay.tp), root, embed)
+        head = s.vocab_params(lay.tp) if last else 0.0
+        params, grads, opt, buffers, gathered, reduce = _states(s, lay, p, s.layer_params(lay.tp), root, embed, head)
         acts = held * tokens * (per_layer * layers / chunks + stage_io_bytes(s, lay, first))
-        transient = max(recompute * tokens, unit_transient)
+        transient = max(gathered + recompute * tokens, reduce)
         if last:
             kept, peak = head_bytes(s, lay, k)
             logits_held = m if lay.schedule == "GPipe" and lay.pp > 1 else 1
             acts += logits_held * kept * tokens
-            transient = max(transient, unit_transient + peak * tokens)
+            transient = max(transient, gathered + peak * tokens)
+        embed_grad = 0.0
         if first and lay.tp > 1:  # DTensor's embedding backward builds the whole-vocabulary gradient on every TP rank
-            grad_e = s.e if uses_fsdp(lay) else 4
-            transient = max(transient, grad_e * s.vocab * s.h * (1 - 1 / lay.tp))
+            embed_grad = (s.e if uses_fsdp(lay) else 4) * s.vocab * s.h * (1 - 1 / lay.tp)
+            transient = max(transient, embed_grad)
         # one micro-batch: gradients are created while backward frees the activations (native engine: the
         # previous step's gradients are gone, set to None by the optimizer or by ZeRO-1's reduce-scatter)
         held_grads = not (lay.microbatches(cfg.train.global_batch) == 1 and lay.engine == "native")
         step = _optimizer_phase(s, lay, k, (params, grads, opt), p, layers, first, last)
-        ranks.append(RankMemory(r, params, grads, opt, buffers, acts, transient, step, held_grads))
+        backward = 0.0
+        if uses_fsdp(lay) and lay.pp == 1 and lay.zero_stage == 3:
+            head_kept = head_bytes(s, lay, k)[0] * tokens if last else 0.0
+            backward = _fsdp3_backward(s, lay, (params + opt + buffers, grads, acts, acts - head_kept), layers, root,
+                                       head, gathered, (recompute * tokens, head_bytes(s, lay, k)[1] * tokens
+                                                        if last else 0.0, embed_grad), held_grads)
+        ranks.append(RankMemory(r, params, grads, opt, buffers, acts, transient, step, held_grads, backward))
     return MemoryEstimate(ranks)
+
+
+def _fsdp3_backward(s: Shape, lay: Layout, held: tuple[float, float, float, float], layers: int, root: float,
+                    head: float, gathered: float, transients: tuple[float, float, float], accumulating: bool) -> float:
+    """FSDP2 ZeRO-3 forward/backward peak, phase by phase (checked against MemTracker at the Frontier shapes):
+    the head's backward (logits gradients; the root and two blocks gathered), a recomputed block, a block's
+    reduce-scatter (the root and, but for the last block reduced, the next block gathered; the block's unsharded
+    gradients and their fp32 copy; the output head's unsharded gradient waiting for the root's reduction;
+    sharded gradients of the blocks done so far and activations of the blocks still to go, which one
+    micro-batch trades: the first and the last block reduced bound the others), and the root's own
+    reduction at the end (after the embedding's backward). `held` = (params + optimizer + buffers, sharded
+    gradients, activations, block activations); `transients` = (recompute, head backward, embedding gradient)."""
+    base, grads, acts, block_acts = held
+    recompute, head_peak, embed_grad = transients
+    e, unit, ds = s.e, s.layer_params(lay.tp), lay.dp_shard
+    # FSDP2's foreach_reduce copies a unit's unsharded gradients into a flat fp32 input (reduce_dtype fp32), frees
+    # them, then allocates the sharded output: 4 bytes + the larger of the two per element
+    rs = 4 + max(e, 4 / ds)
+    block_grads = 4 * layers * unit / ds
+    earlier = grads if accumulating else 0.0
+    phases = [base + acts + earlier + gathered + max(head_peak, recompute)]
+    if layers:  # the first block reduced has the next one gathered and the others' activations; the last, all grads
+        first = e * unit * (layers > 1) + 4 * unit / ds + block_acts * (layers - 1) / layers
+        so_far = grads + block_acts + e * unit if accumulating else max(first, block_grads)
+        phases.append(base + e * (root + head) + rs * unit + so_far)
+    # the root's reduction; under TP the embedding's whole-vocabulary gradient adds about twice its size (DTensor's
+    # replicated result and the copies made to shard it; measured at the 175B shape)
+    phases.append(base + (grads if accumulating else block_grads) + e * root + 4 * root
+                  + max(e * root + 2 * embed_grad, 4 * root / ds))
+    return max(phases)
 
 
 def korthikanti_activation_bytes(s: int, b: int, h: int, a: int, layers: int, t: int, sp: bool,

@@ -200,8 +200,8 @@ def report(rows: list[dict], frontier: list[dict], paper: list[dict], kor: dict)
                      f"{ratio(r.get('optim_measured'), r['optim_pred'])} | {mib(r.get('act_measured'))} ({mib(r['act_pred'])}) | "
                      f"{ratio(r.get('act_measured'), r['act_pred'])} | {mib(r.get('peak_measured'))} ({mib(r['peak_pred'])}) | "
                      f"{ratio(r.get('peak_measured'), r['peak_pred'])} |")
-    lines += ["", "### Frontier shapes under FakeTensorMode (2 blocks, bf16, FSDP2 ZeRO-3 or native ZeRO-1 over 2 fake ranks, "
-              "seq 2048, mb 1)", "",
+    lines += ["", ("### Frontier shapes under FakeTensorMode (2 blocks, bf16, FSDP2 ZeRO-3 or native ZeRO-1 over 2 fake ranks, "
+              "seq 2048, mb 1)"), "",
               "| model | layout | params | grads | optim | act GiB (pred) | peak GiB (pred) |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in frontier:
         lines.append(f"| {r['kind']} | {r['layout']} | {ratio(r['params_measured'], r['params_pred'])} | "

@@ -64,6 +64,9 @@ class Kernels:
     fused_rms_norm: bool  # torch's rms_norm is one fused op on CUDA/ROCm (saves input + rstd), decomposed on CPU
     attention_out_copy: bool  # CPU SDPA returns a layout whose reshape for wo copies; GPU kernels share storage
     foreach_adam: bool  # AdamW defaults to foreach on GPU (one param-group-sized temporary), per tensor on CPU
+    # whole fp32 gradient-sized buffers native ZeRO-1's reduce-scatter adds (exatrain.engine.optimizer pads each
+    # gradient and concatenates: 2); 0 models a contiguous gradient buffer reduced in place (a what-if)
+    zero1_reduce_copies: int = 2
 
     @classmethod
     def for_device(cls, device: str) -> Kernels:
@@ -317,7 +320,7 @@ def _optimizer_phase(s: Shape, lay: Layout, k: Kernels, states: tuple[float, flo
     adam = _adam_temporary(s, lay, k, layers, largest)
     if native_zero1(lay):
         slices = 4 * p / lay.dp
-        reduce = params + grads + opt + 8 * p
+        reduce = params + grads + opt + k.zero1_reduce_copies * 4 * p
         step = params + opt + slices + adam
         gather = params + opt + 2 * slices + 4 * p + 4 * largest
         return max(reduce, step, gather)

@@ -52,7 +52,7 @@ class Candidate:
         if lay.dp > 1:
             parts.append(f"DP{lay.dp} {lay.sharding} exposed {b['dp_comm']:.1%}")
         parts.append(f"compute {b['compute']:.0%}")
-        parts.append(f"fits {self.peak_gib:.1f}/{cap_gib:.0f} GiB")
+        parts.append(f"{'fits' if self.peak_gib <= cap_gib else 'OVER the cap:'} {self.peak_gib:.1f}/{cap_gib:.0f} GiB")
         parts.append(f"MFU {self.time.mfu:.1%}")
         return "; ".join(parts)
 

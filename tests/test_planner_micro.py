@@ -37,7 +37,7 @@ def test_gemm_cache_feeds_the_time_model(tmp_path, capsys):
     data = json.loads(cache_path("frontier", tmp_path).read_text())
     assert [r["m"] for r in data["gemm"]["fp32"]["rows"]] == [64, 128]
     cl = load_cluster("frontier", dtype="fp32", directory=tmp_path)
-    assert cl.measured == ["gemm"]
+    assert cl.measured == ["memory bandwidth", "gemm"] and cl.gemm.hbm_gbs == data["hbm_gbs"] > 0
     measured = 2 * 128**3 / rows[1]["seconds"]
     assert 2 * 128**3 / cl.gemm.time(128, 128, 128, 4) == pytest.approx(measured, rel=1e-9)
     gemm([(64, 64, 64), (128, 128, 128)], dtype="fp32", cluster="local", repeats=1, directory=tmp_path)
@@ -72,3 +72,6 @@ def test_comm_under_torchrun_fits_both_scopes(tmp_path):
     fits = json.loads(cache_path("local", tmp_path).read_text())["comm"]
     assert fits["inter"]["bw_gbs"] == pytest.approx(2 * fits["inter"]["group_bw_gbs"])
     assert {r["op"] for r in fits["intra"]["rows"]} == {"all_reduce", "all_gather", "reduce_scatter", "p2p"}
+    assert 0.0 <= fits["overlap"]["fraction"] <= 1.0 and "overlap:" in proc.stdout
+    cl = load_cluster("local", dtype="fp32", directory=tmp_path)
+    assert cl.overlap == fits["overlap"]["fraction"] and cl.intra.alpha_s == fits["intra"]["alpha_s"]

@@ -210,6 +210,11 @@ class RankMemory:
     optimizer_step: float  # the peak during the optimizer step (activations freed)
     grads_in_backward: bool  # gradients of earlier micro-batches (or persistent buffers) coexist with activations
     backward: float = 0.0  # the forward/backward peak from a phase-by-phase model, where there is one (FSDP2 ZeRO-3)
+    step_grads: float = -1.0  # gradient bytes the optimizer steps on (ZeRO-1/DeepSpeed: fp32 partitions); -1: grads
+
+    @property
+    def optimizer_grads(self) -> float:
+        return self.grads if self.step_grads < 0 else self.step_grads
 
     @property
     def states(self) -> float:
@@ -376,7 +381,9 @@ def estimate_memory(cfg: JobConfig, lay: Layout, kernels: Kernels | None = None,
             backward = _fsdp3_backward(s, lay, (params + opt + buffers, grads, acts, acts - head_kept), layers, root,
                                        head, gathered, (recompute * tokens, head_bytes(s, lay, k)[1] * tokens
                                                         if last else 0.0, embed_grad), held_grads)
-        ranks.append(RankMemory(r, params, grads, opt, buffers, acts, transient, step, held_grads, backward))
+        step_grads = 4 * p / lay.dp if native_zero1(lay) or lay.engine == "deepspeed" else -1.0
+        ranks.append(RankMemory(r, params, grads, opt, buffers, acts, transient, step, held_grads, backward,
+                                step_grads))
     return MemoryEstimate(ranks)
 
 

@@ -59,6 +59,8 @@ def model_gemm_shapes(cfg: JobConfig, tps: tuple[int, ...] = (1, 2, 4, 8),
             t = mb * cfg.data.seq_len
             shapes.update({(t, h // tp, h), (t, kv // tp, h), (t, h, h // tp), (t, f // tp, h), (t, h, f // tp),
                            (t, vocab // tp, h)})
+    s, hd = cfg.data.seq_len, h // m.n_heads
+    shapes.update({(s, s, hd), (s, hd, s)})  # attention per head: QKᵀ and PV
     return sorted(shapes)
 
 
@@ -92,11 +94,30 @@ def gemm(shapes: list[tuple[int, int, int]] | None = None, dtype: str = "bf16", 
                        [[r["m"], r["n"], r["k"], f"{r['seconds'] * 1e3:.3f}", f"{r['tflops']:.2f}",
                          f"{r['eff']:.2f}"] for r in rows]))
     print(f"peak {peak.tflops:.2f} TFLOP/s ({peak.source})")
+    bw = memory_bandwidth(dev)
+    print(f"memory bandwidth {bw:.1f} GB/s (elementwise multiply of 64 MiB tensors, bytes read + written)")
     if save:
         _update_cache(cluster, directory, ["gemm", dtype], {"device": _device_name(dev), "when": _now(),
                                                              "peak_tflops": peak.tflops, "rows": rows})
         _update_cache(cluster, directory, ["memory_gib"], _memory_gib(dev))
+        _update_cache(cluster, directory, ["hbm_gbs"], bw)
     return rows
+
+
+def memory_bandwidth(dev: torch.device, nbytes: int = 64 * 2**20, repeats: int = 5) -> float:
+    """GB/s of an out-of-place elementwise multiply (bytes read + written): what the time model's pointwise work
+    (norms, RoPE, SwiGLU, residual adds, all unfused) runs at."""
+    a = torch.ones(nbytes // 4, device=dev)
+    b = torch.ones_like(a)
+    a * b
+    _sync(dev)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a * b
+        _sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return 3 * nbytes / best / 1e9
 
 
 def _memory_gib(dev: torch.device) -> float:
@@ -199,14 +220,58 @@ def comm(ranks_per_node: int, sizes: tuple[int, ...] = (2**18, 2**20, 2**22, 2**
         alpha, beta = fit_alpha_beta(samples)
         result[scope] = {"alpha_s": alpha, "bw_gbs": beta * share, "group_bw_gbs": beta, "ranks_per_node":
                          ranks_per_node, "when": _now(), "rows": rows}
+    result["overlap"] = measure_overlap(device, repeats)
     if rank == 0:
         print(format_table(["scope", "op", "ranks", "bytes", "µs", "busbw GB/s"], table))
+        print(f"overlap: {result['overlap']['fraction']:.2f} of an all-reduce hides behind concurrent matmuls "
+              f"(compute {result['overlap']['compute_s'] * 1e3:.1f} ms, all-reduce {result['overlap']['comm_s'] * 1e3:.1f}"
+              f" ms, both {result['overlap']['both_s'] * 1e3:.1f} ms)")
         for scope, fit in result.items():
+            if scope == "overlap":
+                continue
             print(f"{scope}: α = {fit['alpha_s'] * 1e6:.1f} µs, β = {fit['group_bw_gbs']:.3f} GB/s per group"
                   + (f" ({fit['bw_gbs']:.3f} GB/s per node)" if scope == "inter" else ""))
         _update_cache(cluster, directory, ["comm"], result, merge=True)
     dist.barrier()
     return result
+
+
+def measure_overlap(device: torch.device, repeats: int = 3, nbytes: int = 2**24) -> dict:
+    """How much of a collective hides behind compute on this hardware: an all-reduce of `nbytes` over the world
+    alone, matmuls of about the same duration alone, then both at once (the all-reduce issued asynchronously
+    first). fraction = (t_compute + t_comm - t_both) / min(t_compute, t_comm), clamped to [0, 1], the worst
+    rank's. GPUs overlap NCCL kernels with compute; CPU ranks with one core each share it with gloo's thread."""
+    buf = torch.ones(nbytes // 4, device=device)
+    a = torch.randn(512, 512, device=device)
+
+    def timed(fn) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    t_comm = timed(lambda: dist.all_reduce(buf))
+    t_mm = timed(lambda: a @ a)
+    n = max(1, round(t_comm / max(t_mm, 1e-9)))
+
+    def compute() -> None:
+        for _ in range(n):
+            a @ a
+
+    def both() -> None:
+        work = dist.all_reduce(buf, async_op=True)
+        compute()
+        work.wait()
+
+    t_compute, t_both = timed(compute), timed(both)
+    fraction = (t_compute + t_comm - t_both) / max(min(t_compute, t_comm), 1e-9)
+    worst = torch.tensor([min(1.0, max(0.0, fraction))])
+    dist.all_reduce(worst, op=dist.ReduceOp.MIN)
+    return {"fraction": float(worst), "compute_s": t_compute, "comm_s": t_comm, "both_s": t_both, "when": _now()}
 
 
 def _device_name(dev: torch.device) -> str:

@@ -111,7 +111,7 @@ def default_kernels(cl: Cluster) -> Kernels:
 def evaluate(cfg: JobConfig, lay: Layout, cl: Cluster, kernels: Kernels | None = None) -> Candidate:
     """Memory and time of one layout, valid or not."""
     k = kernels or default_kernels(cl)
-    return Candidate(lay, estimate_memory(cfg, lay, k), estimate_step_time(cfg, lay, cl), check(cfg, lay))
+    return Candidate(lay, estimate_memory(cfg, lay, k), estimate_step_time(cfg, lay, cl, k), check(cfg, lay))
 
 
 def plan(cfg: JobConfig, devices: int, cl: Cluster, *, cap_gib: float | None = None, top: int = 10,
@@ -129,7 +129,7 @@ def plan(cfg: JobConfig, devices: int, cl: Cluster, *, cap_gib: float | None = N
         if check(cfg, lay):
             result.rejected["validator"] += 1
             continue
-        result.ranked.append(Candidate(lay, mem, estimate_step_time(cfg, lay, cl), None))
+        result.ranked.append(Candidate(lay, mem, estimate_step_time(cfg, lay, cl, k), None))
     result.ranked.sort(key=lambda c: -c.tokens_per_s)
     del result.ranked[top:]
     return result

@@ -26,6 +26,7 @@ from exatrain.bench.flops import flops_per_token, megatron_flops_per_iteration
 from exatrain.bench.hardware import Cluster
 from exatrain.bench.layout import Layout
 from exatrain.bench.memory import (
+    Kernels,
     Shape,
     autocast,
     native_zero1,
@@ -95,21 +96,34 @@ def _linear(cl: Cluster, tokens: int, n: int, k: int, e: int) -> tuple[float, fl
     return g.time(tokens, n, k, e), g.time(tokens, k, n, e), g.time(k, n, tokens, e)
 
 
-def _block(s: Shape, lay: Layout, cl: Cluster, tokens: int) -> tuple[float, float, float, float, float]:
+def _block(s: Shape, lay: Layout, cl: Cluster, tokens: int, k: Kernels) -> tuple[float, float, float, float, float]:
     """One block on one rank: (gemm fwd, bwd input, bwd weight, attention fwd, pointwise fwd) seconds."""
     t, h, e = lay.tp, s.h, s.e
     f = b = w = 0.0
-    for n, k in ((h // t, h), (s.kv // t, h), (s.kv // t, h), (h, h // t), (s.ffn // t, h), (s.ffn // t, h),
-                 (h, s.ffn // t)):
-        a, c, d = _linear(cl, tokens, n, k, e)
+    for n, kk in ((h // t, h), (s.kv // t, h), (s.kv // t, h), (h, h // t), (s.ffn // t, h), (s.ffn // t, h),
+                  (h, s.ffn // t)):
+        a, c, d = _linear(cl, tokens, n, kk, e)
         f, b, w = f + a, b + c, w + d
     heads = max(1, s.heads // t)
     seqs = tokens // s.seq
-    attn = seqs * heads * 2 * cl.gemm.time(s.seq, s.seq, s.head_dim, e) / 2  # QKᵀ and PV, causal half
+    g = cl.gemm
+    attn = seqs * heads * (g.time(s.seq, s.seq, s.head_dim, e) + g.time(s.seq, s.head_dim, s.seq, e)) / 2  # causal half
+    return f, b, w, attn, tokens * pointwise_bytes(s, lay, k) / (g.hbm_gbs * 1e9)
+
+
+def pointwise_bytes(s: Shape, lay: Layout, k: Kernels) -> float:
+    """Bytes read + written per token by one block's forward outside the GEMMs and attention, op by op as
+    exatrain's Llama block runs them unfused: two RMSNorms (one fused op on GPU: read + write; decomposed on
+    CPU: pow, mean, rsqrt, two muls ~ 7 passes; under bf16 the fp32 upcast and the cast back, 4 more), RoPE on
+    q and k (four half-width muls, a sub, an add, the stack: ~9 passes; 4 more under bf16), the attention
+    output's copy for wo (CPU), SwiGLU (silu + mul: 5 passes over the FFN width) and two residual adds."""
+    t, h, e = lay.tp, s.h, s.e
     tsp = t if lay.sp else 1
-    pointwise_bytes = e * (4 * h / tsp + 2 * (h + s.kv) / t + 3 * s.ffn / t + 6 * h / tsp)
-    pointwise = tokens * pointwise_bytes / (cl.gemm.hbm_gbs * 1e9)
-    return f, b, w, attn, pointwise
+    bf16 = 4 if e == 2 else 0
+    norm = (2 if k.fused_rms_norm else 7) + bf16
+    elems = (2 * norm * h / tsp + (9 + bf16) * (h + s.kv) / t + (2 * h / t if k.attention_out_copy else 0.0)
+             + 5 * s.ffn / t + 6 * h / tsp)
+    return e * elems
 
 
 def _tp_comm(s: Shape, lay: Layout, cl: Cluster, tokens: int, layers: int, first: bool, last: bool) -> float:
@@ -128,9 +142,10 @@ def _tp_comm(s: Shape, lay: Layout, cl: Cluster, tokens: int, layers: int, first
     return layers * passes * per_block + 2 * edge
 
 
-def _micro_batch(s: Shape, lay: Layout, cl: Cluster, layers: int, first: bool, last: bool) -> _MicroBatch:
+def _micro_batch(s: Shape, lay: Layout, cl: Cluster, layers: int, first: bool, last: bool,
+                 k: Kernels) -> _MicroBatch:
     tokens = lay.micro_batch * s.seq
-    f, b, w, attn, pw = _block(s, lay, cl, tokens)
+    f, b, w, attn, pw = _block(s, lay, cl, tokens, k)
     fwd = layers * (f + attn + pw)
     bwd_in = layers * (b + 1.5 * attn + 2 * pw)  # FlashAttention-2: backward = 2.5x forward, counted with input grads
     bwd_w = layers * (w + attn)
@@ -211,15 +226,17 @@ def _local_params(s: Shape, lay: Layout, layers: int, first: bool, last: bool) -
                unit)
 
 
-def estimate_step_time(cfg: JobConfig, lay: Layout, cl: Cluster) -> StepTime:
+def estimate_step_time(cfg: JobConfig, lay: Layout, cl: Cluster, kernels: Kernels | None = None) -> StepTime:
+    """Seconds per optimizer step; `kernels` default: CPU for the local cluster, GPU otherwise."""
     s = Shape.of(cfg)
+    k = kernels or Kernels.for_device("cpu" if cl.name == "local" else "gpu")
     gbs = cfg.train.global_batch
     m = lay.microbatches(gbs)
     plan = stage_plan(s, lay, all_ranks=False)  # the first or the last pipeline rank is the slowest
     hbm = cl.gemm.hbm_gbs * 1e9
     mbs, per_step = {}, {}
     for r, (layers, first, last, _) in plan.items():
-        mb = _micro_batch(s, lay, cl, layers, first, last)
+        mb = _micro_batch(s, lay, cl, layers, first, last, k)
         once, every = _grad_accumulation(s, lay, _local_params(s, lay, layers, first, last), m)
         mbs[r], per_step[r] = replace(mb, bwd_weight=mb.bwd_weight + every / hbm), once / hbm
     slow = max(mbs, key=lambda r: mbs[r].total)

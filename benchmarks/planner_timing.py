@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="measure every layout this often, interleaved; keep the "
                     "fastest median (the machine is shared)")
     ap.add_argument("--skip-calibration", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="use the runs already measured under runs/planner_timing")
     args = ap.parse_args()
     if not args.skip_calibration:
         calibrate()
@@ -81,12 +82,16 @@ def main() -> None:
     cfg = load_config("tiny.yaml", MODEL)
     for desc, lay in LAYOUTS:
         assert check(cfg, lay) is None, (desc, check(cfg, lay))
-    rounds = [measure_layouts("tiny.yaml", MODEL, cfg, [lay for _, lay in LAYOUTS],
-                              ROOT / "runs" / "planner_timing" / str(i), args.steps, 900) for i in range(args.rounds)]
+    runs = ROOT / "runs" / "planner_timing"
+    if args.reuse:  # predictions again (e.g. after re-calibrating) against the runs already measured
+        rounds = [[_load(runs / str(i), j, lay) for j, (_, lay) in enumerate(LAYOUTS)] for i in range(args.rounds)]
+    else:
+        rounds = [measure_layouts("tiny.yaml", MODEL, cfg, [lay for _, lay in LAYOUTS], runs / str(i), args.steps, 900)
+                  for i in range(args.rounds)]
     got = []
     for runs in zip(*rounds):  # per layout, the round least disturbed by other load on the machine
         ok = [r for r in runs if r[0] is not None]
-        got.append(min(ok, key=lambda r: r[0]["step_s"]) if ok else runs[0])
+        got.append(min(ok, key=lambda r: r[0]["step_s_uncontended"]) if ok else runs[0])
     rows = []
     for (desc, lay), (res, err) in zip(LAYOUTS, got):
         t = estimate_step_time(cfg, lay, cl)
@@ -94,11 +99,11 @@ def main() -> None:
         row = {"name": desc, "layout": lay.describe(), "world": lay.world, "pred_s": t.total,
                "pred_breakdown": t.breakdown(), "error": err}
         if res is not None and lay.engine == "deepspeed":  # its flat buffers live outside the live-bytes tracker
-            row.update(meas_s=res["step_s"], meas_p10=res["step_p10"], meas_p90=res["step_p90"], mem_ratio=[])
+            row.update(meas_s=res["step_s_uncontended"], wall_s=res["step_s"], mem_ratio=[])
         elif res is not None:
             peaks = res["live_peak_bytes"]
             by_rank = [mem.ranks[pp].peak for pp in res["pp_ranks"]]
-            row.update(meas_s=res["step_s"], meas_p10=res["step_p10"], meas_p90=res["step_p90"],
+            row.update(meas_s=res["step_s_uncontended"], wall_s=res["step_s"],
                        mem_ratio=[m / p for m, p in zip(peaks, by_rank)], live_peak=peaks, pred_peak=by_rank)
         rows.append(row)
     ok = [r for r in rows if "meas_s" in r]
@@ -109,11 +114,17 @@ def main() -> None:
         r["pred_rank"], r["meas_rank"] = pred_rank[id(r)], meas_rank[id(r)]
     result = {"spearman": rho, "cluster": {"gemm": cl.gemm.source, "intra": cl.intra.source,
                                            "alpha_us": cl.intra.alpha_s * 1e6, "bw_gbs": cl.intra.bw_gbs,
-                                           "hbm_gbs": cl.gemm.hbm_gbs}, "rows": rows}
+                                           "hbm_gbs": cl.gemm.hbm_gbs, "op_us": cl.op_s * 1e6,
+                                           "dtensor_us": cl.dtensor_op_s * 1e6, "overlap": cl.overlap}, "rows": rows}
     (OUT / "planner_timing.json").write_text(json.dumps(result, indent=1))
     md = report(result)
     (OUT / "planner_timing.md").write_text(md)
     print(md)
+
+
+def _load(directory: Path, index: int, lay: Layout) -> tuple[dict | None, str]:
+    path = directory / f"{index + 1}_{lay.describe().replace(' ', '_').replace('=', '')}" / "bench.json"
+    return (json.loads(path.read_text()), "") if path.exists() else (None, f"no {path}")
 
 
 def report(result: dict) -> str:
@@ -122,8 +133,9 @@ def report(result: dict) -> str:
              ("`python benchmarks/planner_timing.py`. Model: dim 256, 4 layers, 8 heads (4 KV), seq 256, vocab 4096, "
               "global batch 8, fp32 AdamW; 1 or 2 gloo processes on a 2-core machine shared with other work. "
               f"Profile `local` measured by exatrain's micro-benchmarks ({c['gemm']}; gloo α = {c['alpha_us']:.0f} µs, "
-              f"β = {c['bw_gbs']:.2f} GB/s; copy bandwidth {c['hbm_gbs']:.1f} GB/s). Measured: median of the timed "
-              "steps (barrier to barrier, p10-p90 in brackets; the faster of two interleaved rounds); memory: live tensor bytes of each rank over one step "
+              f"β = {c['bw_gbs']:.2f} GB/s; elementwise bandwidth {c['hbm_gbs']:.1f} GB/s; host {c.get('op_us', 0):.1f} µs per op, +{c.get('dtensor_us', 0):.1f} µs per DTensor op; overlap {c.get('overlap', 0):.2f}). Measured: median of the timed "
+              "steps without CPU contention (barrier to barrier, minus the largest run-queue wait of any rank's "
+              "threads, Linux schedstat; wall-clock median in brackets; the faster of two interleaved rounds); memory: live tensor bytes of each rank over one step "
               "(exatrain.bench.measure.LiveBytes) vs the planner's peak for that rank."), "",
              (f"**Spearman rank correlation, predicted vs measured step time: {result['spearman']:.2f}** "
              f"over {sum('meas_s' in r for r in result['rows'])} layouts."), "",
@@ -139,7 +151,7 @@ def report(result: dict) -> str:
             continue
         mem = ", ".join(f"{x:.2f}" for x in r["mem_ratio"]) or "n/a (DeepSpeed)"
         lines.append(f"| {r['name']}: {r['layout']} | {r['world']} | {r['pred_s']:.3f} | {r['meas_s']:.3f} "
-                     f"({r['meas_p10']:.3f}-{r['meas_p90']:.3f}) | {r['meas_s'] / r['pred_s']:.2f} | {r['pred_rank']} | "
+                     f"({r['wall_s']:.3f}) | {r['meas_s'] / r['pred_s']:.2f} | {r['pred_rank']} | "
                      f"{r['meas_rank']} | {parts} | {mem} |")
     return "\n".join(lines) + "\n"
 

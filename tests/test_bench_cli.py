@@ -75,7 +75,7 @@ def test_report_keeps_failed_points(tmp_path):
     write_report(pts, tmp_path, {"config": "tiny.yaml", "overrides": [], "cluster": "local torchrun", "warmup": 1,
                                  "steps": 2, "profile": 1})
     md = (tmp_path / "report.md").read_text()
-    assert "| strong | fsdp | tp1 pp1 dp2 | 2 | 1 | 8 | 150 | 75 | 0.75 |" in md
+    assert "| strong | fsdp | tp1 pp1 dp2 | 2 | 1 | 8 | 150 | 75 | 0.75 |" in md and "1.000 ± 0.100 | nan" in md
     assert "failed: exit 1: RuntimeError: boom" in md and "invalid: pp2" in md and "2 of 4 points ran" in md
     assert all((tmp_path / f"{n}.png").stat().st_size > 0 for n in ("throughput", "efficiency", "mfu"))
     assert len(json.loads((tmp_path / "results.json").read_text())["points"]) == 4

@@ -181,6 +181,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--devices", default="1,2,4", help="local process counts, e.g. 1,2,4,8")
     s.add_argument("--nodes", default="", help="with --cluster: node counts, e.g. 1,2,4 (one Slurm job per point)")
     s.add_argument("--cluster", default="", help="submit the points to Slurm with this profile (e.g. local, frontier)")
+    s.add_argument("--one-at-a-time", action="store_true",
+                   help="with --cluster: wait for each job before submitting the next (nodes sharing hardware)")
     s.add_argument("--mode", default="both", choices=("weak", "strong", "both"))
     s.add_argument("--layouts", nargs="+", default=["fsdp", "zero1"], metavar="SPEC",
                    help="layout specs (see exatrain/bench/scaling.py): e.g. fsdp zero1 tp2:zero1 pp2:fsdp plan")
@@ -263,7 +265,7 @@ def cmd_bench_scaling(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/scaling/{cfg.name}")
     points = sweep(path, extra, devices, modes, args.layouts, out, warmup=args.warmup, steps=args.steps,
                    profile=args.profile, timeout=args.timeout, cluster_name=args.cluster, nodes=nodes,
-                   planner_cluster=planner_cluster)
+                   planner_cluster=planner_cluster, serial=args.one_at_a_time)
     ok = sum(p.status == "ok" for p in points)
     print(f"{ok} of {len(points)} points ran; report: {out / 'report.md'}")
     return 0 if ok else 1

@@ -126,6 +126,9 @@ class Cluster:
     pair: Link | None = None  # a faster link between rank pairs (2i, 2i+1), e.g. the two GCDs of an MI250X
     measured: list[str] = field(default_factory=list)
     overlap: float = OVERLAP  # fraction of compute time that can hide data-parallel collectives
+    op_s: float = 0.0  # host time per dispatched aten op (measured by `bench gemm`; 0 = hidden behind the GPU)
+    dtensor_op_s: float = 0.0  # extra host time per DTensor op (sharding propagation)
+    host_serial: bool = False  # host and device work add up (CPU) instead of overlapping (GPU)
 
     def link(self, n: int, stride: int) -> tuple[Link, float]:
         """The link a group of `n` ranks `stride` apart uses, and its effective bandwidth (GB/s).
@@ -193,6 +196,11 @@ def load_cluster(name: str, dtype: str = "bf16", directory: Path | None = None) 
     else:
         cl = default_cluster(name, dtype)
     measured = []
+    host = data.get("host")
+    if host:
+        cl = replace(cl, op_s=float(host["op_s"]), dtensor_op_s=float(host["dtensor_op_s"]),
+                     host_serial=bool(host["serial"]))
+        measured.append("host overhead")
     if data.get("hbm_gbs"):
         cl = replace(cl, gemm=replace(cl.gemm, hbm_gbs=float(data["hbm_gbs"])))
         measured.append("memory bandwidth")

@@ -5,7 +5,11 @@ sets the phases. Steps run in this order (train.steps = the sum):
 
   warm-up   bench.warmup_steps, not measured (allocator, thread pools, lazy optimizer state);
   timed     every remaining step: wall time from a barrier before the step to a barrier after it
-            (so a step costs what the slowest rank needs), no profiler attached;
+            (so a step costs what the slowest rank needs), no profiler attached; also the step minus the
+            largest run-queue wait of any rank's threads (Linux schedstat: the training thread and the gloo
+            threads it waits on): the step time without CPU contention from other processes
+            (`step_s_uncontended`, for shared CPU machines; an estimate, since threads that ran concurrently
+            are corrected as if serial);
   profile   bench.profile_steps under torch.profiler, classified into compute / collectives /
             pipeline bubble / other (`classify`); the fractions describe the timed steps' median;
   memory    with bench.memory_step, one more step with live tensor bytes tracked (CPU: exatrain.bench.measure
@@ -167,6 +171,18 @@ def shares(seconds: dict[str, float], pp: int, gpu: bool) -> dict[str, float]:
             "bubble": (bubble if pp > 1 else 0.0) / total, "other": other / total}
 
 
+def run_delay() -> float:
+    """Seconds this process's threads have spent runnable but waiting for a CPU (Linux schedstat, summed over
+    the training thread and the communication threads it waits on; 0 elsewhere)."""
+    total = 0.0
+    for stat in Path("/proc/self/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -200,6 +216,8 @@ class BenchProbe(Callback):
                               f"{self.warmup}, bench.profile_steps={self.profile_steps} and memory_step="
                               f"{bool(self.memory_step)}: raise train.steps")
         self.times: list[float] = []
+        self.delays: list[float] = []  # per timed step: the process's run-queue wait (CPU contention)
+        self._d0 = 0.0
         self.seconds: dict[str, float] = {}
         self.live_peak = 0
         self._t0 = 0.0
@@ -236,6 +254,7 @@ class BenchProbe(Callback):
 
             self._live = LiveBytes(_live_tensors(trainer.engine))
             self._live.__enter__()
+        self._d0 = run_delay()
         self._t0 = time.perf_counter()
 
     def on_step_end(self, trainer, stats, record: dict[str, Any]) -> None:
@@ -248,10 +267,12 @@ class BenchProbe(Callback):
             self.live_peak, self._live = self._live.peak, None
         _sync(trainer.device)
         dt = time.perf_counter() - self._t0
+        delay = run_delay() - self._d0
         record["bench_phase"] = PHASES.index(phase)  # metrics records hold numbers only
         record["bench_step_s"] = dt
         if phase == "timed":
             self.times.append(dt)
+            self.delays.append(delay)
         if phase == "profile" and trainer.state.step == self.warmup + self.timed + self.profile_steps:
             self._prof.__exit__(None, None, None)
             events = self._prof.events()
@@ -269,7 +290,7 @@ class BenchProbe(Callback):
         mine = {"rank": trainer.info.rank, "pp_rank": trainer.mesh.get_local_rank("pp"),
                 "peak_mem_bytes": peak_memory_bytes(trainer.device), "live_peak_bytes": self.live_peak,
                 "seconds": self.seconds, "shares": shares(self.seconds, dims.pp, trainer.device.type == "cuda")
-                if self.seconds else {}, "times": self.times}
+                if self.seconds else {}, "times": self.times, "delays": self.delays}
         ranks: list = [mine]
         if dist.is_initialized() and dist.get_world_size() > 1:
             ranks = [None] * dist.get_world_size()
@@ -296,6 +317,8 @@ def summarize(trainer, ranks: list[dict]) -> dict[str, Any]:
     cfg, dims = trainer.cfg, trainer.dims
     times = ranks[0]["times"]  # barrier-to-barrier: the same on every rank
     step = statistics.median(times)
+    # without CPU contention: minus the largest run-queue wait any rank's training thread had in the step
+    dedicated = [t - max(r["delays"][i] for r in ranks) for i, t in enumerate(times)]
     tokens = trainer.tokens_per_step
     world = dims.world_size
     tflops = tokens / step * trainer.flops_per_token / world / 1e12
@@ -316,6 +339,8 @@ def summarize(trainer, ranks: list[dict]) -> dict[str, Any]:
         "params": trainer.n_params, "device": trainer.device.type,
         "step_times": times, "step_s": step, "step_p10": _quantile(times, 0.1), "step_p90": _quantile(times, 0.9),
         "step_min": min(times), "step_max": max(times),
+        "step_times_uncontended": dedicated, "step_s_uncontended": statistics.median(dedicated),
+        "run_delay_s": [statistics.median(r["delays"]) for r in ranks],
         "tokens_per_s": tokens / step, "tokens_per_s_per_device": tokens / step / world,
         "flops_per_token": trainer.flops_per_token, "tflops_per_device": tflops,
         "peak_tflops": peak.tflops, "peak_source": peak.source, "mfu": tflops / peak.tflops if peak.tflops else None,

@@ -174,7 +174,7 @@ def _prepare(point: Point, cfg: JobConfig, cluster) -> list[str] | None:
 
 def sweep(config: str, base: list[str], devices: list[int], modes: list[str], specs: list[str], out: Path, *,
           warmup: int = 2, steps: int = 5, profile: int = 1, timeout: float = 900, cluster_name: str = "",
-          nodes: list[int] | None = None, planner_cluster=None, echo=print) -> list[Point]:
+          nodes: list[int] | None = None, planner_cluster=None, serial: bool = False, echo=print) -> list[Point]:
     """Run every point (locally, or as Slurm jobs with `cluster_name` and `nodes`) and write the report."""
     cfg = load_config(config, base)
     points = plan_points(cfg, specs, devices, modes, nodes)
@@ -199,7 +199,7 @@ def sweep(config: str, base: list[str], devices: list[int], modes: list[str], sp
         else:
             todo.append((pt, lay))
     if cluster_name:
-        _run_slurm(config, base, todo, probe, cluster_name, timeout, echo)
+        _run_slurm(config, base, todo, probe, cluster_name, timeout, echo, serial)
     else:
         for pt, lay in todo:
             echo(f"[{pt.key}] {pt.layout} on {pt.devices} process(es), global batch {pt.global_batch} ...")
@@ -208,7 +208,9 @@ def sweep(config: str, base: list[str], devices: list[int], modes: list[str], sp
                                     log=Path(pt.run_dir) / "launch.log")
             _finish(pt, result, err, echo, time.monotonic() - t0)
     write_report(points, out, {"config": config, "overrides": base, "devices": devices, "modes": modes,
-                               "layouts": specs, "cluster": cluster_name or "local torchrun", "nodes": nodes,
+                               "layouts": specs, "cluster": f"Slurm ({cluster_name} profile, one job per point"
+                               f"{', one at a time' if serial else ''})" if cluster_name else "local torchrun",
+                               "nodes": nodes,
                                "warmup": warmup, "steps": steps, "profile": profile, "peak_note": peak_note})
     return points
 
@@ -228,8 +230,14 @@ def _finish(pt: Point, result: dict | None, err: str, echo, seconds: float) -> N
     echo(f"[{pt.key}] {result['tokens_per_s']:,.0f} tokens/s, step {result['step_s']:.3f} s ({seconds:.0f} s wall)")
 
 
-def _run_slurm(config: str, base: list[str], todo: list, probe: list[str], cluster: str, timeout: float, echo) -> None:
-    """One job per point (a job array cannot vary launch.nodes), all submitted before waiting on any."""
+def _run_slurm(config: str, base: list[str], todo: list, probe: list[str], cluster: str, timeout: float, echo,
+               serial: bool = False) -> None:
+    """One job per point (a job array cannot vary launch.nodes), all submitted before waiting on any; `serial`
+    waits for each before submitting the next (nodes that share hardware, like the local test cluster)."""
+    if serial:
+        for item in todo:
+            _run_slurm(config, base, [item], probe, cluster, timeout, echo)
+        return
     from exatrain.launch.submit import JobFailed, prepare, submit, wait
 
     submitted = []
@@ -300,7 +308,9 @@ def write_report(points: list[Point], out: Path, meta: dict) -> None:
              (f"Runs: {meta['cluster']}; per point {meta['warmup']} warm-up + {meta['steps']} timed + "
              f"{meta['profile']} profiled steps (exatrain.bench.probe). Weak scaling keeps the batch per device "
              "(the global batch grows with the devices), strong scaling the global batch. Step time: median of "
-             "the timed steps, ± half the p10-p90 spread, barrier to barrier."),
+             "the timed steps, ± half the p10-p90 spread, barrier to barrier; uncontended: the same minus the "
+             "largest run-queue wait of any rank's threads (CPU time other processes took; Linux "
+             "schedstat). Throughput, efficiency and MFU use the wall-clock step."),
              "", (f"MFU = {r0.get('mfu_formula', 'model FLOPs / (devices x peak)')}; peak: "
              f"{r0.get('peak_tflops', float('nan')):.3g} TFLOP/s per device "
              f"({meta.get('peak_note') or r0.get('peak_source', 'n/a')}). "
@@ -309,12 +319,12 @@ def write_report(points: list[Point], out: Path, meta: dict) -> None:
              "bubble = pipeline waits (p2p; idle too on GPU), other = Python/framework/optimizer/data; see "
              "exatrain/bench/probe.py for the method and its limits."), "",
              ("| mode | layout spec | layout | devices | nodes | global batch | tokens/s | tokens/s/dev | eff | "
-             "TFLOP/s/dev | MFU | step s | peak mem | compute | comm | bubble | other | status |"),
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "TFLOP/s/dev | MFU | step s | uncontended s | peak mem | compute | comm | bubble | other | status |"),
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for p in points:
         if p.status != "ok":
             lines.append(f"| {p.mode} | {p.spec} | {p.layout or '-'} | {p.devices} | {p.nodes} | {p.global_batch} | "
-                         + " | ".join(["-"] * 12) + f" | {p.status}: {p.error.replace('|', '/')[:300]} |")
+                         + " | ".join(["-"] * 13) + f" | {p.status}: {p.error.replace('|', '/')[:300]} |")
             continue
         r, b = p.result, p.result.get("breakdown") or {}
         spread = (r["step_p90"] - r["step_p10"]) / 2
@@ -322,7 +332,8 @@ def write_report(points: list[Point], out: Path, meta: dict) -> None:
         lines.append(f"| {p.mode} | {p.spec} | {p.layout} | {p.devices} | {r.get('nodes', p.nodes)} | "
                      f"{p.global_batch} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_device']:,.0f} | "
                      f"{eff.get(p.key, float('nan')):.2f} | {r['tflops_per_device']:.4g} | {mfu} | "
-                     f"{r['step_s']:.3f} ± {spread:.3f} | {_fmt_mem(r)} | "
+                     f"{r['step_s']:.3f} ± {spread:.3f} | {r.get('step_s_uncontended', float('nan')):.3f} | "
+                     f"{_fmt_mem(r)} | "
                      + " | ".join(f"{100 * b[k]:.0f}%" if k in b else "-" for k in ("compute", "comm", "bubble", "other"))
                      + " | ok |")
     failed = [p for p in points if p.status != "ok"]

@@ -84,10 +84,15 @@ class _MicroBatch:
     bwd_weight: float
     recompute: float
     tp_comm: float
+    host: float = 0.0  # framework time per micro-batch not hidden behind device work (exatrain.bench.timing.host_time)
+
+    @property
+    def device(self) -> float:
+        return self.fwd + self.bwd_input + self.bwd_weight + self.recompute
 
     @property
     def total(self) -> float:
-        return self.fwd + self.bwd_input + self.bwd_weight + self.recompute + self.tp_comm
+        return self.device + self.host + self.tp_comm
 
 
 def _linear(cl: Cluster, tokens: int, n: int, k: int, e: int) -> tuple[float, float, float]:
@@ -160,7 +165,28 @@ def _micro_batch(s: Shape, lay: Layout, cl: Cluster, layers: int, first: bool, l
         a, c, d = _linear(cl, tokens, s.vocab // lay.tp, s.h, s.e)
         ce = tokens * (s.vocab / lay.tp) * (s.e + 4 + 4 + 4) / (cl.gemm.hbm_gbs * 1e9)
         fwd, bwd_in, bwd_w = fwd + a + ce, bwd_in + c + ce, bwd_w + d
-    return _MicroBatch(fwd, bwd_in, bwd_w, recompute, _tp_comm(s, lay, cl, tokens, layers, first, last))
+    mb = _MicroBatch(fwd, bwd_in, bwd_w, recompute, _tp_comm(s, lay, cl, tokens, layers, first, last))
+    host = host_time(lay, cl, layers, first or last)
+    # a CPU runs the framework and the kernels on one core; a GPU hides the host behind queued kernels
+    return replace(mb, host=host if cl.host_serial else max(0.0, host - mb.device))
+
+
+# aten ops per block forward + backward as exatrain's Llama block dispatches them (counted with a dispatch
+# mode): 240 plain; under TP 145 DTensor ops plus 150 more local ones (redistributions); full recompute adds a
+# forward (~80), selective its pointwise ops (~40); the embedding, final norm, head and loss ~60 (50 DTensor)
+BLOCK_OPS, TP_BLOCK_OPS, TP_DTENSOR_OPS, EDGE_OPS, TP_EDGE_DTENSOR_OPS = 240, 150, 145, 60, 50
+RECOMPUTE_OPS = {"none": 0, "selective": 40, "full": 80}
+
+
+def host_time(lay: Layout, cl: Cluster, layers: int, edge: bool) -> float:
+    """Seconds of framework overhead per micro-batch: dispatched ops x the measured per-op cost (plain aten
+    op, and a DTensor op's extra sharding propagation under TP; `bench gemm` measures both)."""
+    plain = layers * (BLOCK_OPS + RECOMPUTE_OPS[lay.activation_checkpointing]) + (EDGE_OPS if edge else 0)
+    dtensor = 0
+    if lay.tp > 1:
+        plain += layers * TP_BLOCK_OPS
+        dtensor = layers * TP_DTENSOR_OPS + (TP_EDGE_DTENSOR_OPS if edge else 0)
+    return plain * cl.op_s + dtensor * cl.dtensor_op_s
 
 
 def _bubble_fraction(lay: Layout, m: int, mb: _MicroBatch) -> float:
@@ -186,7 +212,9 @@ def _dp_comm(s: Shape, lay: Layout, cl: Cluster, p: float, m: int, mb_compute: f
     shard = lay.sharding
     if native_zero1(lay):  # fp32 gradients reduce-scattered, fp32 master slices all-gathered, after the last micro-batch
         link, bw = cl.link(lay.dp, inner)
-        copies = 16 * 4 * p / (cl.gemm.hbm_gbs * 1e9)  # pad + concatenate before, concatenate + strided copy after
+        # read + write: pad and concatenate the gradients before (16 B/param); pad and concatenate the slices
+        # (16/dp) and copy every parameter out of the gathered buffer (8) after
+        copies = (24 + 16 / lay.dp) * p / (cl.gemm.hbm_gbs * 1e9)
         return link.time("reduce_scatter", 4 * p, lay.dp, bw) + link.time("all_gather", 4 * p, lay.dp, bw) + copies
     if shard in ("zero1", "zero2") or lay.engine == "deepspeed" and shard != "zero3":
         n, link, bw = lay.dp, *cl.link(lay.dp, inner)
@@ -242,7 +270,7 @@ def estimate_step_time(cfg: JobConfig, lay: Layout, cl: Cluster, kernels: Kernel
     slow = max(mbs, key=lambda r: mbs[r].total)
     mb = mbs[slow]
     layers, first, last, _ = plan[slow]
-    compute = m * (mb.fwd + mb.bwd_input + mb.bwd_weight + mb.recompute) + per_step[slow]
+    compute = m * (mb.device + mb.host) + per_step[slow]
     tp_comm = m * mb.tp_comm
     bubble = _bubble_fraction(lay, m, mb) * m * mb.total
     tokens = lay.micro_batch * s.seq

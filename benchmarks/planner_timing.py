@@ -135,7 +135,7 @@ def report(result: dict) -> str:
               f"Profile `local` measured by exatrain's micro-benchmarks ({c['gemm']}; gloo α = {c['alpha_us']:.0f} µs, "
               f"β = {c['bw_gbs']:.2f} GB/s; elementwise bandwidth {c['hbm_gbs']:.1f} GB/s; host {c.get('op_us', 0):.1f} µs per op, +{c.get('dtensor_us', 0):.1f} µs per DTensor op; overlap {c.get('overlap', 0):.2f}). Measured: median of the timed "
               "steps without CPU contention (barrier to barrier, minus the largest run-queue wait of any rank's "
-              "threads, Linux schedstat; wall-clock median in brackets; the faster of two interleaved rounds); memory: live tensor bytes of each rank over one step "
+              "training thread, Linux schedstat; wall-clock median in brackets; the faster of two interleaved rounds); memory: live tensor bytes of each rank over one step "
               "(exatrain.bench.measure.LiveBytes) vs the planner's peak for that rank."), "",
              (f"**Spearman rank correlation, predicted vs measured step time: {result['spearman']:.2f}** "
              f"over {sum('meas_s' in r for r in result['rows'])} layouts."), "",

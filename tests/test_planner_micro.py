@@ -37,7 +37,8 @@ def test_gemm_cache_feeds_the_time_model(tmp_path, capsys):
     data = json.loads(cache_path("frontier", tmp_path).read_text())
     assert [r["m"] for r in data["gemm"]["fp32"]["rows"]] == [64, 128]
     cl = load_cluster("frontier", dtype="fp32", directory=tmp_path)
-    assert cl.measured == ["memory bandwidth", "gemm"] and cl.gemm.hbm_gbs == data["hbm_gbs"] > 0
+    assert cl.measured == ["host overhead", "memory bandwidth", "gemm"] and cl.gemm.hbm_gbs == data["hbm_gbs"] > 0
+    assert cl.op_s == data["host"]["op_s"] > 0 and cl.host_serial
     measured = 2 * 128**3 / rows[1]["seconds"]
     assert 2 * 128**3 / cl.gemm.time(128, 128, 128, 4) == pytest.approx(measured, rel=1e-9)
     gemm([(64, 64, 64), (128, 128, 128)], dtype="fp32", cluster="local", repeats=1, directory=tmp_path)
@@ -75,3 +76,6 @@ def test_comm_under_torchrun_fits_both_scopes(tmp_path):
     assert 0.0 <= fits["overlap"]["fraction"] <= 1.0 and "overlap:" in proc.stdout
     cl = load_cluster("local", dtype="fp32", directory=tmp_path)
     assert cl.overlap == fits["overlap"]["fraction"] and cl.intra.alpha_s == fits["intra"]["alpha_s"]
+    assert cl.shared_hbm_gbs == fits["shared_hbm_gbs"]["gbs"] > 0
+    ar = fits["intra"]["ops"]["all_reduce"]  # per-operation fits drive the collective cost
+    assert cl.intra.time("all_reduce", 2**20, 2) == pytest.approx(ar["alpha_s"] + 2**20 / (ar["bw_gbs"] * 1e9))

@@ -43,19 +43,27 @@ COLLECTIVE_FACTOR = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0
 
 @dataclass(frozen=True)
 class Link:
-    """Cost of a collective in one scope: α + c·(n−1)/n·S/β (c = 2 for all-reduce), p2p α + S/β."""
+    """Cost of a collective in one scope: α + c·(n−1)/n·S/β (c = 2 for all-reduce), p2p α + S/β. `ops` holds
+    per-operation (α, β) where measured (libraries use a different algorithm per collective: gloo's ring
+    all-reduce is several times faster per byte than its all-gather and reduce-scatter); β of an operation
+    scales with the bandwidth share a caller passes in."""
 
     alpha_s: float
     bw_gbs: float  # bus bandwidth per rank (intra) or per node (inter), GB/s
     source: str
+    ops: tuple[tuple[str, float, float], ...] = ()  # (op, α s, β GB/s) measured per operation
 
     def time(self, op: str, nbytes: float, n: int, bw_gbs: float | None = None) -> float:
         if n <= 1 or nbytes <= 0:
             return 0.0
-        bw = (bw_gbs or self.bw_gbs) * 1e9
+        alpha, beta = self.alpha_s, self.bw_gbs
+        for name, a, b in self.ops:
+            if name == op:
+                alpha, beta = a, b
+        bw = beta * (bw_gbs / self.bw_gbs if bw_gbs else 1.0) * 1e9
         if op == "p2p":
-            return self.alpha_s + nbytes / bw
-        return self.alpha_s + COLLECTIVE_FACTOR[op] * (n - 1) / n * nbytes / bw
+            return alpha + nbytes / bw
+        return alpha + COLLECTIVE_FACTOR[op] * (n - 1) / n * nbytes / bw
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,8 @@ class Cluster:
     pair: Link | None = None  # a faster link between rank pairs (2i, 2i+1), e.g. the two GCDs of an MI250X
     measured: list[str] = field(default_factory=list)
     overlap: float = OVERLAP  # fraction of compute time that can hide data-parallel collectives
+    shared_hbm_gbs: float = 0.0  # memory bandwidth per device while every device of a node streams (CPU cores
+    #                              share the socket's); 0 = each device has its own (GPU HBM)
     op_s: float = 0.0  # host time per dispatched aten op (measured by `bench gemm`; 0 = hidden behind the GPU)
     dtensor_op_s: float = 0.0  # extra host time per DTensor op (sharding propagation)
     host_serial: bool = False  # host and device work add up (CPU) instead of overlapping (GPU)
@@ -210,12 +220,16 @@ def load_cluster(name: str, dtype: str = "bf16", directory: Path | None = None) 
         cl = replace(cl, gemm=replace(cl.gemm, table=rows, peak_tflops=gemm.get("peak_tflops") or cl.gemm.peak_tflops,
                                       source=f"measured {gemm.get('when', '')}: {gemm.get('device', '')}"))
         measured.append("gemm")
+    if data.get("comm", {}).get("shared_hbm_gbs"):
+        cl = replace(cl, shared_hbm_gbs=float(data["comm"]["shared_hbm_gbs"]["gbs"]))
+        measured.append("shared memory bandwidth")
     if data.get("comm", {}).get("overlap") is not None:
         cl = replace(cl, overlap=float(data["comm"]["overlap"]["fraction"]))
         measured.append("overlap")
     for scope in ("intra", "inter", "pair"):
         fit = data.get("comm", {}).get(scope)
         if fit:
-            cl = replace(cl, **{scope: Link(fit["alpha_s"], fit["bw_gbs"], f"measured {fit.get('when', '')}")})
+            ops = tuple((op, f["alpha_s"], f["bw_gbs"]) for op, f in fit.get("ops", {}).items())
+            cl = replace(cl, **{scope: Link(fit["alpha_s"], fit["bw_gbs"], f"measured {fit.get('when', '')}", ops)})
             measured.append(f"comm.{scope}")
     return replace(cl, measured=measured)

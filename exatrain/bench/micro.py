@@ -261,19 +261,34 @@ def comm(ranks_per_node: int, sizes: tuple[int, ...] = (2**18, 2**20, 2**22, 2**
                 rows.append({"op": op, "bytes": size, "n": n, "seconds": sec, "busbw_gbs": x / sec / 1e9})
                 table.append([scope, op, n, size, f"{sec * 1e6:.1f}", f"{x / sec / 1e9:.3f}"])
         alpha, beta = fit_alpha_beta(samples)
+        per_op = {}
+        for op in {r["op"] for r in rows}:
+            pts = [(effective_bytes(r["op"], r["bytes"], r["n"] if op != "p2p" else 2), r["seconds"])
+                   for r in rows if r["op"] == op]
+            try:
+                a, b = fit_alpha_beta(pts)
+            except ValueError:
+                continue
+            per_op[op] = {"alpha_s": a, "bw_gbs": b * share}
         result[scope] = {"alpha_s": alpha, "bw_gbs": beta * share, "group_bw_gbs": beta, "ranks_per_node":
-                         ranks_per_node, "when": _now(), "rows": rows}
+                         ranks_per_node, "when": _now(), "rows": rows, "ops": per_op}
     result["overlap"] = measure_overlap(device, repeats)
+    dist.barrier()
+    shared = torch.tensor([memory_bandwidth(device)])  # every rank streams at once, as in a training step
+    dist.all_reduce(shared, op=dist.ReduceOp.MIN)
+    result["shared_hbm_gbs"] = {"gbs": float(shared), "when": _now()}
     if rank == 0:
         print(format_table(["scope", "op", "ranks", "bytes", "µs", "busbw GB/s"], table))
         print(f"overlap: {result['overlap']['fraction']:.2f} of an all-reduce hides behind concurrent matmuls "
               f"(compute {result['overlap']['compute_s'] * 1e3:.1f} ms, all-reduce {result['overlap']['comm_s'] * 1e3:.1f}"
               f" ms, both {result['overlap']['both_s'] * 1e3:.1f} ms)")
+        print(f"memory bandwidth with every rank streaming: {result['shared_hbm_gbs']['gbs']:.1f} GB/s per rank")
         for scope, fit in result.items():
-            if scope == "overlap":
+            if scope in ("overlap", "shared_hbm_gbs"):
                 continue
             print(f"{scope}: α = {fit['alpha_s'] * 1e6:.1f} µs, β = {fit['group_bw_gbs']:.3f} GB/s per group"
-                  + (f" ({fit['bw_gbs']:.3f} GB/s per node)" if scope == "inter" else ""))
+                  + (f" ({fit['bw_gbs']:.3f} GB/s per node)" if scope == "inter" else "") + "; per op: "
+                  + ", ".join(f"{op} {f['alpha_s'] * 1e6:.0f} µs {f['bw_gbs']:.3f} GB/s" for op, f in fit["ops"].items()))
         _update_cache(cluster, directory, ["comm"], result, merge=True)
     dist.barrier()
     return result

@@ -6,10 +6,9 @@ sets the phases. Steps run in this order (train.steps = the sum):
   warm-up   bench.warmup_steps, not measured (allocator, thread pools, lazy optimizer state);
   timed     every remaining step: wall time from a barrier before the step to a barrier after it
             (so a step costs what the slowest rank needs), no profiler attached; also the step minus the
-            largest run-queue wait of any rank's threads (Linux schedstat: the training thread and the gloo
-            threads it waits on): the step time without CPU contention from other processes
-            (`step_s_uncontended`, for shared CPU machines; an estimate, since threads that ran concurrently
-            are corrected as if serial);
+            largest run-queue wait of any rank's training thread (Linux schedstat): an estimate of the step
+            time without CPU contention from other processes (`step_s_uncontended`, for shared CPU machines;
+            delays of the gloo threads it waits on are not removed);
   profile   bench.profile_steps under torch.profiler, classified into compute / collectives /
             pipeline bubble / other (`classify`); the fractions describe the timed steps' median;
   memory    with bench.memory_step, one more step with live tensor bytes tracked (CPU: exatrain.bench.measure
@@ -172,15 +171,13 @@ def shares(seconds: dict[str, float], pp: int, gpu: bool) -> dict[str, float]:
 
 
 def run_delay() -> float:
-    """Seconds this process's threads have spent runnable but waiting for a CPU (Linux schedstat, summed over
-    the training thread and the communication threads it waits on; 0 elsewhere)."""
-    total = 0.0
-    for stat in Path("/proc/self/task").glob("*/schedstat"):
-        try:
-            total += int(stat.read_text().split()[1]) / 1e9
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
+    """Seconds the training thread has spent runnable but waiting for a CPU (Linux schedstat; 0 elsewhere).
+    Only this thread: summing the gloo threads too over-corrects, since they mostly wait while it computes."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _sync(device: torch.device) -> None:
@@ -216,7 +213,7 @@ class BenchProbe(Callback):
                               f"{self.warmup}, bench.profile_steps={self.profile_steps} and memory_step="
                               f"{bool(self.memory_step)}: raise train.steps")
         self.times: list[float] = []
-        self.delays: list[float] = []  # per timed step: the process's run-queue wait (CPU contention)
+        self.delays: list[float] = []  # per timed step: the training thread's run-queue wait (CPU contention)
         self._d0 = 0.0
         self.seconds: dict[str, float] = {}
         self.live_peak = 0

@@ -309,7 +309,7 @@ def write_report(points: list[Point], out: Path, meta: dict) -> None:
              f"{meta['profile']} profiled steps (exatrain.bench.probe). Weak scaling keeps the batch per device "
              "(the global batch grows with the devices), strong scaling the global batch. Step time: median of "
              "the timed steps, ± half the p10-p90 spread, barrier to barrier; uncontended: the same minus the "
-             "largest run-queue wait of any rank's threads (CPU time other processes took; Linux "
+             "largest run-queue wait of any rank's training thread (CPU time other processes took; Linux "
              "schedstat). Throughput, efficiency and MFU use the wall-clock step."),
              "", (f"MFU = {r0.get('mfu_formula', 'model FLOPs / (devices x peak)')}; peak: "
              f"{r0.get('peak_tflops', float('nan')):.3g} TFLOP/s per device "

@@ -258,6 +258,8 @@ def estimate_step_time(cfg: JobConfig, lay: Layout, cl: Cluster, kernels: Kernel
     """Seconds per optimizer step; `kernels` default: CPU for the local cluster, GPU otherwise."""
     s = Shape.of(cfg)
     k = kernels or Kernels.for_device("cpu" if cl.name == "local" else "gpu")
+    if cl.shared_hbm_gbs and lay.world > 1:  # the node's devices stream at once and share its memory bandwidth
+        cl = replace(cl, gemm=replace(cl.gemm, hbm_gbs=min(cl.gemm.hbm_gbs, cl.shared_hbm_gbs)))
     gbs = cfg.train.global_batch
     m = lay.microbatches(gbs)
     plan = stage_plan(s, lay, all_ranks=False)  # the first or the last pipeline rank is the slowest

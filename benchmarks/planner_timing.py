@@ -108,11 +108,15 @@ def main() -> None:
         rows.append(row)
     ok = [r for r in rows if "meas_s" in r]
     rho = spearman([r["pred_s"] for r in ok], [r["meas_s"] for r in ok])
+    no_tp = [r for r in ok if not r["layout"].startswith("tp2")]
+    rho_no_tp = spearman([r["pred_s"] for r in no_tp], [r["meas_s"] for r in no_tp])
+    errors = sorted(abs(r["meas_s"] / r["pred_s"] - 1) for r in ok)
     pred_rank = {id(r): i + 1 for i, r in enumerate(sorted(ok, key=lambda r: r["pred_s"]))}
     meas_rank = {id(r): i + 1 for i, r in enumerate(sorted(ok, key=lambda r: r["meas_s"]))}
     for r in ok:
         r["pred_rank"], r["meas_rank"] = pred_rank[id(r)], meas_rank[id(r)]
-    result = {"spearman": rho, "cluster": {"gemm": cl.gemm.source, "intra": cl.intra.source,
+    result = {"spearman": rho, "spearman_without_tp": rho_no_tp, "n_without_tp": len(no_tp),
+              "median_abs_error": errors[len(errors) // 2], "cluster": {"gemm": cl.gemm.source, "intra": cl.intra.source,
                                            "alpha_us": cl.intra.alpha_s * 1e6, "bw_gbs": cl.intra.bw_gbs,
                                            "hbm_gbs": cl.gemm.hbm_gbs, "op_us": cl.op_s * 1e6,
                                            "dtensor_us": cl.dtensor_op_s * 1e6, "overlap": cl.overlap}, "rows": rows}
@@ -123,8 +127,11 @@ def main() -> None:
 
 
 def _load(directory: Path, index: int, lay: Layout) -> tuple[dict | None, str]:
-    path = directory / f"{index + 1}_{lay.describe().replace(' ', '_').replace('=', '')}" / "bench.json"
-    return (json.loads(path.read_text()), "") if path.exists() else (None, f"no {path}")
+    name = f"{index + 1}_{lay.describe().replace(' ', '_').replace('=', '')}"
+    for path in (directory / name.replace("/", "-") / "bench.json", directory / name / "bench.json"):
+        if path.exists():
+            return json.loads(path.read_text()), ""
+    return None, f"no {directory / name}"
 
 
 def report(result: dict) -> str:
@@ -138,7 +145,16 @@ def report(result: dict) -> str:
               "training thread, Linux schedstat; wall-clock median in brackets; the faster of two interleaved rounds); memory: live tensor bytes of each rank over one step "
               "(exatrain.bench.measure.LiveBytes) vs the planner's peak for that rank."), "",
              (f"**Spearman rank correlation, predicted vs measured step time: {result['spearman']:.2f}** "
-             f"over {sum('meas_s' in r for r in result['rows'])} layouts."), "",
+             f"over {sum('meas_s' in r for r in result['rows'])} layouts; {result['spearman_without_tp']:.2f} over the "
+             f"{result['n_without_tp']} without tensor parallelism; median |measured/predicted − 1| = "
+             f"{result['median_abs_error']:.0%}."), "",
+             ("Tensor parallelism is the outlier: on CPU/gloo it runs 1.5x slower than predicted. A profiled TP2 step "
+              "(exatrain bench scaling, probe breakdown) spends 0.23 s in collectives where the per-operation gloo "
+              "fits predict 0.10 s (DTensor gathers the sequence-sharded activations along dim 1 through extra "
+              "copies, and its many small collectives wait on gloo threads that other processes delay, which the "
+              "contention correction does not remove), and 0.09 s in DTensor's Python dispatch where the measured "
+              "per-op overhead predicts 0.02 s (sharding propagation of the real ops costs more than the "
+              "micro-benchmark's matmul)."), "",
              ("| layout | procs | predicted s | measured s | meas/pred | rank pred | rank meas | predicted: compute / TP / "
              "bubble / DP / optimizer | memory meas/pred per rank |"),
              "|---|---:|---:|---:|---:|---:|---:|---|---|"]

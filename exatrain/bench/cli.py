@@ -94,7 +94,7 @@ def measure_layouts(config: str, base: list[str], cfg, layouts: list, out: Path,
 
     results = []
     for i, lay in enumerate(layouts):
-        run_dir = (out / f"{i + 1}_{lay.describe().replace(' ', '_').replace('=', '')}").absolute()
+        run_dir = (out / f"{i + 1}_{lay.describe().replace(' ', '_').replace('=', '').replace('/', '-')}").absolute()
         echo(f"measuring #{i + 1} {lay.describe()} on {lay.world} process(es) ...")
         results.append(run_local(config, base, [*overrides(cfg, lay), *probe_overrides(1, steps, 0, memory=True)],
                                  lay.world, run_dir, timeout, log=run_dir / "launch.log"))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from exatrain.bench.hardware import COLLECTIVE_FACTOR, cache_path
 from exatrain.bench.peak import peak_tflops
@@ -108,45 +109,6 @@ def gemm(shapes: list[tuple[int, int, int]] | None = None, dtype: str = "bf16", 
     return rows
 
 
-def host_overhead(dev: torch.device, n: int = 300) -> dict:
-    """Host seconds per dispatched op: a tiny elementwise add on plain tensors, and the extra for DTensors
-    (sharding propagation; a one-rank mesh, so no communication). On CPU host and kernels share the core
-    ("serial"); on a GPU the host runs ahead of queued kernels."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    a, b = torch.ones(8, 8, device=dev), torch.ones(8, 8, device=dev)
-
-    def per_op(x, y) -> float:
-        x + y
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(n):
-                x + y
-            _sync(dev)
-            best = min(best, (time.perf_counter() - t0) / n)
-        return best
-
-    plain = per_op(a, b)
-    own = not dist.is_initialized()
-    if own:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        group = dist.new_group([dist.get_rank()])
-        mesh = init_device_mesh(dev.type, (1,), mesh_dim_names=("x",)) if own else None
-        if mesh is None:
-            from torch.distributed.device_mesh import DeviceMesh
-
-            mesh = DeviceMesh.from_group(group, dev.type)
-        x, y = (distribute_tensor(t, mesh, [Shard(0)]) for t in (a, b))
-        extra = max(0.0, per_op(x, y) - plain)
-    finally:
-        if own:
-            dist.destroy_process_group()
-    return {"op_s": plain, "dtensor_op_s": extra, "serial": dev.type == "cpu", "when": _now()}
-
-
 def memory_bandwidth(dev: torch.device, nbytes: int = 64 * 2**20, repeats: int = 20) -> float:
     """GB/s of an out-of-place elementwise multiply (bytes read + written): what the time model's pointwise work
     (norms, RoPE, SwiGLU, residual adds, all unfused) runs at."""
@@ -161,6 +123,68 @@ def memory_bandwidth(dev: torch.device, nbytes: int = 64 * 2**20, repeats: int =
         _sync(dev)
         best = min(best, time.perf_counter() - t0)
     return 3 * nbytes / best / 1e9
+
+
+def host_overhead(dev: torch.device, n: int = 100) -> dict:
+    """Host seconds per dispatched op, on a training-like op mix: forward and backward of `(x @ w).sum()` on
+    small tensors, divided by the aten ops it dispatches (counted); and the extra per DTensor op for the same
+    pattern on DTensors (Shard(0) activations, Shard(1) weights on a one-rank mesh: sharding propagation,
+    no communication). On CPU host and kernels share the core ("serial"); a GPU runs queued kernels while the
+    host goes ahead."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.plain = self.dtensor = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(t is DTensor for t in types):
+                self.dtensor += 1
+                return NotImplemented
+            self.plain += 1
+            return func(*args, **(kwargs or {}))
+
+    def step(x, w) -> None:
+        (x @ w).sum().backward()
+
+    def per_step(x, w) -> tuple[float, Count]:
+        step(x, w)
+        counter = Count()
+        with counter:
+            step(x, w)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                step(x, w)
+            _sync(dev)
+            best = min(best, (time.perf_counter() - t0) / n)
+        return best, counter
+
+    a = torch.ones(8, 8, device=dev, requires_grad=True)
+    b = torch.ones(8, 8, device=dev, requires_grad=True)
+    t_plain, c_plain = per_step(a, b)
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        if own:
+            mesh = init_device_mesh(dev.type, (1,))
+        else:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            mesh = DeviceMesh.from_group(dist.new_group([dist.get_rank()]), dev.type)
+        x = distribute_tensor(a.detach(), mesh, [Shard(0)]).requires_grad_()
+        w = distribute_tensor(b.detach(), mesh, [Shard(1)]).requires_grad_()
+        t_dt, c_dt = per_step(x, w)
+    finally:
+        if own:
+            dist.destroy_process_group()
+    op_s = t_plain / max(c_plain.plain, 1)
+    return {"op_s": op_s, "dtensor_op_s": max(0.0, t_dt - t_plain) / max(c_dt.dtensor, 1),
+            "serial": dev.type == "cpu", "when": _now()}
 
 
 def _memory_gib(dev: torch.device) -> float:
@@ -256,15 +280,16 @@ def comm(ranks_per_node: int, sizes: tuple[int, ...] = (2**18, 2**20, 2**22, 2**
                 continue
             for size in sizes:
                 sec = _time_op(op, size, None if op == "p2p" else group, peer, device, repeats)
-                x = effective_bytes(op, size, 2 if op == "p2p" else n)
+                # all-gather's S is its output: n x the `size` bytes each rank contributes
+                x = effective_bytes(op, size * n if op == "all_gather" else size, 2 if op == "p2p" else n)
                 samples.append((x, sec))
                 rows.append({"op": op, "bytes": size, "n": n, "seconds": sec, "busbw_gbs": x / sec / 1e9})
                 table.append([scope, op, n, size, f"{sec * 1e6:.1f}", f"{x / sec / 1e9:.3f}"])
         alpha, beta = fit_alpha_beta(samples)
         per_op = {}
         for op in {r["op"] for r in rows}:
-            pts = [(effective_bytes(r["op"], r["bytes"], r["n"] if op != "p2p" else 2), r["seconds"])
-                   for r in rows if r["op"] == op]
+            pts = [(effective_bytes(op, r["bytes"] * (r["n"] if op == "all_gather" else 1), r["n"] if op != "p2p"
+                                    else 2), r["seconds"]) for r in rows if r["op"] == op]
             try:
                 a, b = fit_alpha_beta(pts)
             except ValueError:

@@ -209,7 +209,7 @@ def launch(world: int, names: list[str], steps: int) -> dict:
 
 def report(results: dict) -> tuple[list[dict], str]:
     base = results["replicated (1 proc)"]["ranks"][0]
-    base_total = sum(base.values())
+    base_total = base["param"] + base["grad"] + base["optim"]
     rows, lines = [], [
         "## Parallel layouts: per-rank training-state memory and step time",
         "",

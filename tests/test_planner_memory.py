@@ -44,7 +44,7 @@ def test_formulas_match_a_measured_step(dtype, layout):
     cfg = load_config(None, SMALL + [f"train.dtype={dtype}"])
     with fake_world(layout.world):
         got = measure_step(cfg, layout, fake=True)
-    rank = estimate_memory(cfg, layout, Kernels.for_device("cpu")).ranks[0]
+    rank = estimate_memory(cfg, layout, Kernels.for_device("cpu", fake_collectives=True)).ranks[0]
     assert (got.params, got.grads, got.optimizer) == (rank.params, rank.grads, rank.optimizer)
     # after forward: the saved activations plus what stays gathered (ZeRO-2 units, autocast weight casts)
     assert got.activations == pytest.approx(rank.activations + rank.buffers, rel=0.01)
@@ -62,7 +62,7 @@ def test_22b_block_shapes_match_without_allocating(zero_stage):
     layout = Layout(tp=2, dp_shard=2, micro_batch=1, zero_stage=zero_stage)
     with fake_world(layout.world):
         got = measure_step(cfg, layout, fake=True)
-    rank = estimate_memory(cfg, layout, Kernels.for_device("cpu")).ranks[0]
+    rank = estimate_memory(cfg, layout, Kernels.for_device("cpu", fake_collectives=True)).ranks[0]
     assert (got.params, got.grads, got.optimizer) == (rank.params, rank.grads, rank.optimizer)
     assert got.activations == pytest.approx(rank.activations + rank.buffers, rel=0.01)
     assert got.peak == pytest.approx(rank.peak, rel=0.05)
@@ -123,8 +123,9 @@ def test_pipeline_and_zero1_states():
     params and grads whole (bf16 runs under autocast, which caches a bf16 cast of each matmul weight) and
     shards 12 bytes of optimizer state per parameter (fp32 master slice + moments)."""
     cfg = load_config("175b-frontier.yaml")
-    fsdp = estimate_memory(cfg, Layout(4, 16, 2, 1, 1, "1F1B", "native", 2, 1, "full")).ranks[0]
-    zero1 = estimate_memory(cfg, Layout(4, 16, 2, 1, 1, "1F1B", "native", 1, 1, "full")).ranks[0]
+    gpu = Kernels.for_device("gpu")
+    fsdp = estimate_memory(cfg, Layout(4, 16, 2, 1, 1, "1F1B", "native", 2, 1, "full"), gpu).ranks[0]
+    zero1 = estimate_memory(cfg, Layout(4, 16, 2, 1, 1, "1F1B", "native", 1, 1, "full"), gpu).ranks[0]
     p = zero1.params / 4
     embed = cfg.model.vocab_size * cfg.model.dim / 4
     assert fsdp.params == pytest.approx(2 * p) and fsdp.buffers == pytest.approx(6 * p)

@@ -67,11 +67,16 @@ class Kernels:
     # whole fp32 gradient-sized buffers native ZeRO-1's reduce-scatter adds (exatrain.engine.optimizer pads each
     # gradient and concatenates: 2); 0 models a contiguous gradient buffer reduced in place (a what-if)
     zero1_reduce_copies: int = 2
+    # gloo's reduce_scatter_tensor copies its whole input (measured on CPU); NCCL/RCCL reduce in place
+    reduce_scatter_input_copy: bool = False
 
     @classmethod
-    def for_device(cls, device: str) -> Kernels:
+    def for_device(cls, device: str, fake_collectives: bool = False) -> Kernels:
+        """`fake_collectives`: torch's fake process group (FakeTensorMode measurements), which allocates nothing."""
         gpu = device != "cpu"
-        return cls(fused_rms_norm=gpu, attention_out_copy=not gpu, foreach_adam=gpu)
+        if fake_collectives:
+            return cls(fused_rms_norm=gpu, attention_out_copy=not gpu, foreach_adam=gpu)
+        return cls(fused_rms_norm=gpu, attention_out_copy=not gpu, foreach_adam=gpu, reduce_scatter_input_copy=not gpu)
 
 
 @dataclass(frozen=True)
@@ -325,7 +330,11 @@ def _optimizer_phase(s: Shape, lay: Layout, k: Kernels, states: tuple[float, flo
     adam = _adam_temporary(s, lay, k, layers, largest)
     if native_zero1(lay):
         slices = 4 * p / lay.dp
-        reduce = params + grads + opt + k.zero1_reduce_copies * 4 * p
+        # the padded chunks and their concatenation; then the concatenated input, the output slices and, on gloo,
+        # the collective's own copy of the input
+        reduce = params + grads + opt + max(k.zero1_reduce_copies * 4 * p,
+                                            (4 * p if k.zero1_reduce_copies else 0.0) + slices
+                                            + (4 * p if k.reduce_scatter_input_copy else 0.0))
         step = params + opt + slices + adam
         gather = params + opt + 2 * slices + 4 * p + 4 * largest
         return max(reduce, step, gather)

@@ -55,7 +55,7 @@ FRONTIER = {"22b": (1, 8), "175b": (4, 16), "1t": (4, 128)}  # the paper's (TP, 
 def _row(kind: str, dtype: str, lay: Layout, rank: int, measured: dict, pred) -> dict:
     return {"kind": kind, "dtype": dtype, "layout": lay.describe(), "world": lay.world, "rank": rank,
             **{f"{k}_measured": v for k, v in measured.items()},
-            "params_pred": pred.params, "grads_pred": pred.grads, "optim_pred": pred.optimizer,
+            "params_pred": pred.params, "grads_pred": max(pred.grads, pred.optimizer_grads), "optim_pred": pred.optimizer,
             "act_pred": pred.activations + pred.buffers, "peak_pred": pred.peak}
 
 

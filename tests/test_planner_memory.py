@@ -1,5 +1,6 @@
 """The memory model (exatrain.bench.memory) against what a real step holds: parameter, gradient and
-optimizer bytes exactly (native ZeRO-1's fp32 master slices count as optimizer state), activations to 1%,
+optimizer bytes exactly (ZeRO-1's fp32 master slices count as optimizer state; gradients are the larger of
+the whole gradients and the fp32 master gradients, as measure_step records them), activations to 1%,
 the step's peak to 15% (5% at 22B shapes), measured on CPU with torch's
 MemTracker through the trainer's own engine (fake tensors and a fake process group stand in for other
 ranks); pipeline in-flight counts against torch's own schedule action lists; Korthikanti et al.'s anchors."""
@@ -33,11 +34,14 @@ SMALL = ["model.dim=256", "model.n_layers=2", "model.n_heads=8", "model.n_kv_hea
     ("bf16", Layout(micro_batch=2, activation_checkpointing="full")),  # autocast: fp32 residual, weight casts
     ("fp32", Layout(tp=2, micro_batch=2, activation_checkpointing="selective")),
     ("fp32", Layout(tp=2, micro_batch=2, sequence_parallel=False)),
-    ("bf16", Layout(dp_shard=2, micro_batch=2)),  # FSDP2 mixed precision: bf16 activations, no autocast
-    ("bf16", Layout(dp_shard=2, micro_batch=2, zero_stage=2)),
-    ("bf16", Layout(tp=2, dp_shard=2, micro_batch=2)),
+    ("bf16", Layout(dp_shard=2, micro_batch=2)),  # autocast over FSDP2: fp32 gathers, every weight's cast cached
+    ("bf16_params", Layout(dp_shard=2, micro_batch=2)),  # FSDP2 mixed precision: bf16 gathers, no autocast
+    ("bf16_params", Layout(dp_shard=2, micro_batch=2, zero_stage=2)),
+    ("bf16_params", Layout(tp=2, dp_shard=2, micro_batch=2)),
     ("fp32", Layout(dp_shard=2, dp_replicate=2, micro_batch=2)),
     ("bf16", Layout(dp_shard=2, zero_stage=1, micro_batch=2)),  # native ZeRO-1: autocast, whole fp32 grads
+    ("bf16_params", Layout(dp_shard=2, zero_stage=1, micro_batch=2)),  # bf16 params and grads, fp32 master slices
+    ("bf16_params", Layout(micro_batch=2)),  # one process: the ZeRO-1 optimizer's whole-tensor fp32 masters
     ("fp32", Layout(tp=2, dp_shard=2, zero_stage=1, micro_batch=4)),  # one micro-batch: grads replace activations
 ])
 def test_formulas_match_a_measured_step(dtype, layout):
@@ -45,7 +49,8 @@ def test_formulas_match_a_measured_step(dtype, layout):
     with fake_world(layout.world):
         got = measure_step(cfg, layout, fake=True)
     rank = estimate_memory(cfg, layout, Kernels.for_device("cpu", fake_collectives=True)).ranks[0]
-    assert (got.params, got.grads, got.optimizer) == (rank.params, rank.grads, rank.optimizer)
+    grads = max(rank.grads, rank.optimizer_grads)
+    assert (got.params, got.grads, got.optimizer) == (rank.params, grads, rank.optimizer)
     # after forward: the saved activations plus what stays gathered (ZeRO-2 units, autocast weight casts)
     assert got.activations == pytest.approx(rank.activations + rank.buffers, rel=0.01)
     assert got.peak == pytest.approx(rank.peak, rel=0.15)  # toy sizes: FSDP's root unit and transients dominate
@@ -63,7 +68,8 @@ def test_22b_block_shapes_match_without_allocating(zero_stage):
     with fake_world(layout.world):
         got = measure_step(cfg, layout, fake=True)
     rank = estimate_memory(cfg, layout, Kernels.for_device("cpu", fake_collectives=True)).ranks[0]
-    assert (got.params, got.grads, got.optimizer) == (rank.params, rank.grads, rank.optimizer)
+    grads = max(rank.grads, rank.optimizer_grads)
+    assert (got.params, got.grads, got.optimizer) == (rank.params, grads, rank.optimizer)
     assert got.activations == pytest.approx(rank.activations + rank.buffers, rel=0.01)
     assert got.peak == pytest.approx(rank.peak, rel=0.05)
 
@@ -117,21 +123,27 @@ def test_korthikanti_22b_anchors():
     assert korthikanti_activation_bytes(**kw, sp=True, recompute="selective") / GIB == pytest.approx(9.56, rel=0.01)
 
 
-def test_pipeline_and_zero1_states():
-    """Under PP, FSDP2 stages keep gathered params and fp32 unsharded gradient accumulators (pipelining turns
-    off reshard-after-backward and gradient sync until the last micro-batch); native ZeRO-1 keeps fp32
-    params and grads whole (bf16 runs under autocast, which caches a bf16 cast of each matmul weight) and
-    shards 12 bytes of optimizer state per parameter (fp32 master slice + moments)."""
-    cfg = load_config("175b-frontier.yaml")
+@pytest.mark.parametrize("dtype, g", [("bf16", 4), ("bf16_params", 2)])
+def test_pipeline_and_zero1_states(dtype, g):
+    """Under PP, FSDP2 stages keep gathered params (g bytes: the parameter dtype) and fp32 unsharded gradient
+    accumulators (pipelining turns off reshard-after-backward and gradient sync until the last micro-batch);
+    the ZeRO-1 optimizer keeps params and grads whole in the parameter dtype and shards 12 bytes of optimizer
+    state per parameter (fp32 master slice + moments). bf16 runs under autocast, which caches a bf16 cast of
+    each matmul weight for the step, under FSDP too."""
+    cfg = load_config("175b-frontier.yaml", [f"train.dtype={dtype}"])
     gpu = Kernels.for_device("gpu")
     fsdp = estimate_memory(cfg, Layout(4, 16, 2, 1, 1, "1F1B", "native", 2, 1, "full"), gpu).ranks[0]
     zero1 = estimate_memory(cfg, Layout(4, 16, 2, 1, 1, "1F1B", "native", 1, 1, "full"), gpu).ranks[0]
-    p = zero1.params / 4
+    p = zero1.params / g
     embed = cfg.model.vocab_size * cfg.model.dim / 4
-    assert fsdp.params == pytest.approx(2 * p) and fsdp.buffers == pytest.approx(6 * p)
-    assert (zero1.grads, zero1.optimizer, zero1.buffers) == pytest.approx((4 * p, 6 * p, 2 * (p - embed)))
-    # after backward: gradients, their padded copies and the concatenated reduce-scatter input coexist
-    assert zero1.optimizer_step == pytest.approx(4 * p + 4 * p + 6 * p + 8 * p)
+    casts = 2 * (p - embed) if dtype == "bf16" else 0.0
+    assert fsdp.params == pytest.approx(2 * p) and fsdp.buffers == pytest.approx(g * p + 4 * p + casts)
+    assert (zero1.grads, zero1.optimizer, zero1.buffers) == pytest.approx((g * p, 6 * p, casts))
+    # after backward the send buffer (4p) is allocated while every gradient is alive; the all-gather then holds
+    # the received slices (master gradients), the updated slices, the gathered buffer and one column's copy
+    reduce = g * p + 6 * p + g * p + 4 * p
+    gather = g * p + 6 * p + 2 * 2 * p + 4 * p + 4 * embed
+    assert zero1.optimizer_step == pytest.approx(max(reduce, gather))
 
 
 def test_live_bytes_tracker_agrees_with_memtracker():

@@ -10,8 +10,8 @@ benchmarks/planner_memory.py). Per token of a micro-batch, per layer, with e byt
                  attention q, k, v, out, wo input e·(h + 2·kv' + h + h)/t + 4·heads/t (logsumexp) where
                  kv' = h for SDPA (GQA heads are expanded before it) and the KV width for flash-attn, and
                  the wo input shares the attention output's storage except on CPU; SwiGLU 4·e·ffn/t.
-                 Under autocast (bf16 without FSDP) the residual stream is fp32 and each of wq/wk/wv, w1/w3
-                 saves its own bf16 cast of the shared input (3·e·h more).
+                 Under autocast (train.dtype=bf16, every layout) the residual stream is fp32 and each of
+                 wq/wk/wv, w1/w3 saves its own bf16 cast of the shared input (3·e·h more).
                  Korthikanti et al. (2022, Table 2) write sbh(34 + 5as/h) for GPT (fp16, 4h GELU MLP,
                  materialised scores); ours has no score matrix (flash/SDPA) but keeps fp32 norm inputs.
   selective      torch's op-level SAC keeps the block input, every mm/SDPA/collective output: wq/wk/wv
@@ -26,21 +26,28 @@ min(v·m, (v−1)·pp + 2(pp−1−r) + 1) chunk-micro-batches (Megatron's 1 + (
 InterleavedZeroBubble min(v·m, v·pp) and ZBVZeroBubble min(2m, 2pp) (weight-gradient inputs live
 until W), each chunk holding 1/v of the rank's layers.
 
+Precision (exatrain.engine.native): train.dtype=bf16 is autocast over fp32 parameters on every layout
+and engine, and autocast caches a bf16 cast of every matmul weight for the whole step (2 bytes per
+unsharded parameter, under FSDP too: the cast outlives the resharded fp32 copy); bf16_params keeps bf16
+parameters and gradients (2 + 2 bytes) with fp32 masters: FSDP2's MixedPrecisionPolicy (fp32 shards,
+bf16 all-gathers) or, without FSDP, the ZeRO-1 optimizer's fp32 master slices (its slice is the whole
+tensor without data parallelism); DeepSpeed's bf16 mode.
+
 Model states per local parameter (after TP, before DP): native FSDP2 shards fp32 params, fp32
-gradients and AdamW's two fp32 moments (16/dp_shard; under bf16 the sharded fp32 params are the
-master copy) and all-gathers compute-dtype copies (ZeRO-3: the root unit of embedding/norm/head plus
-the current and prefetched block, and one unit's unsharded gradients; zero_stage=2: every unit from
-forward to backward); under PP torch's pipelining disables FSDP's reshard-after-backward and
-gradient sync until the last micro-batch, so a stage also holds all its unsharded params and fp32
-unsharded gradient accumulators. Under TP, DTensor's embedding backward builds the whole-vocabulary
-gradient on every TP rank, and AdamW's step on the vocab-sharded embedding a whole-vocabulary fp32
-temporary (both measured). Without accumulation, backward trades activations for gradients: the
-peak holds the larger of the two. Native ZeRO-1 (`zero_stage=1`, exatrain.engine.optimizer, the
-Frontier paper's layout) has no FSDP, so bf16 runs under autocast like one process: fp32 params and
-fp32 gradients whole (4 + 4 bytes), a bf16 cast of every matmul weight until backward (2), and 12/dp
-of optimizer state (fp32 master slice + two moments, in fp32 runs too); its reduce-scatter and
-all-gather add whole fp32 buffers after backward (see `_optimizer_phase`). DeepSpeed ZeRO-1/2/3 as in
-benchmarks/parallel_memory.py (fp32 master + moments = 12/dp, params/grads by stage).
+gradients and AdamW's two fp32 moments (16/dp_shard; the sharded fp32 params are the master copy) and
+all-gathers parameter-dtype copies (ZeRO-3: the root unit of embedding/norm/head plus the current and
+prefetched block, and one unit's unsharded gradients; zero_stage=2: every unit from forward to
+backward); under PP torch's pipelining disables FSDP's reshard-after-backward and gradient sync
+until the last micro-batch, so a stage also holds all its unsharded params and fp32 unsharded
+gradient accumulators. Under TP, DTensor's embedding backward builds the whole-vocabulary gradient
+on every TP rank, and AdamW's step on the vocab-sharded embedding a whole-vocabulary fp32 temporary
+(both measured). Without accumulation, backward trades activations for gradients: the peak holds the
+larger of the two. The ZeRO-1 optimizer (`zero_stage=1`, or bf16_params without FSDP;
+exatrain.engine.optimizer, the Frontier paper's layout) keeps params and gradients whole in the
+parameter dtype and 12/dp of optimizer state (fp32 master slice + two moments, in fp32 runs too); its
+in-place reduce-scatter and its all-gather add fp32 buffers after backward (see `_optimizer_phase`).
+DeepSpeed ZeRO-1/2/3 as in benchmarks/parallel_memory.py (fp32 master + moments = 12/dp,
+params/grads in the parameter dtype by stage).
 """
 
 from __future__ import annotations
@@ -64,9 +71,6 @@ class Kernels:
     fused_rms_norm: bool  # torch's rms_norm is one fused op on CUDA/ROCm (saves input + rstd), decomposed on CPU
     attention_out_copy: bool  # CPU SDPA returns a layout whose reshape for wo copies; GPU kernels share storage
     foreach_adam: bool  # AdamW defaults to foreach on GPU (one param-group-sized temporary), per tensor on CPU
-    # whole fp32 gradient-sized buffers native ZeRO-1's reduce-scatter adds (exatrain.engine.optimizer pads each
-    # gradient and concatenates: 2); 0 models a contiguous gradient buffer reduced in place (a what-if)
-    zero1_reduce_copies: int = 2
     # gloo's reduce_scatter_tensor copies its whole input (measured on CPU); NCCL/RCCL reduce in place
     reduce_scatter_input_copy: bool = False
 
@@ -94,6 +98,8 @@ class Shape:
     tied: bool
     e: int  # bytes per activation / compute-dtype element
     attention: str
+    pb: int = 4  # bytes per parameter and gradient element: 2 under bf16_params, else fp32
+    autocast: bool = False  # train.dtype=bf16: torch.autocast over fp32 parameters
 
     @classmethod
     def of(cls, cfg: JobConfig) -> Shape:
@@ -102,8 +108,10 @@ class Shape:
             raise ValueError(f"the memory model covers model.attention=sdpa|flash, not {m.attention!r}")
         vocab = m.vocab_size if m.vocab_size > 0 else cfg.data.tokenizer.vocab_size
         hd = m.dim // m.n_heads
+        dtype = cfg.train.dtype
         return cls(m.dim, m.n_layers, m.n_heads, (m.n_kv_heads or m.n_heads) * hd, hd, ffn_hidden_dim(m), vocab,
-                   cfg.data.seq_len, m.tie_embeddings, 2 if cfg.train.dtype == "bf16" else 4, m.attention)
+                   cfg.data.seq_len, m.tie_embeddings, 4 if dtype == "fp32" else 2, m.attention,
+                   2 if dtype == "bf16_params" else 4, dtype == "bf16")
 
     def layer_params(self, tp: int) -> float:
         """One block's parameters on one TP rank (norm weights are replicated)."""
@@ -118,15 +126,18 @@ def uses_fsdp(lay: Layout) -> bool:
     return lay.engine == "native" and lay.dp > 1 and lay.zero_stage != 1
 
 
-def native_zero1(lay: Layout) -> bool:
-    """exatrain's own ZeRO-1 (exatrain.engine.optimizer.ZeroOneOptimizer)."""
-    return lay.engine == "native" and lay.dp > 1 and lay.zero_stage == 1
+def native_zero1(s: Shape, lay: Layout) -> bool:
+    """The native engine steps exatrain's ZeRO-1 optimizer (exatrain.engine.optimizer.ZeroOneOptimizer):
+    zero_stage=1 with data parallelism, and bf16_params without FSDP (its fp32 masters; one slice when dp=1)."""
+    if lay.engine != "native":
+        return False
+    return lay.dp > 1 and lay.zero_stage == 1 or s.pb == 2 and not uses_fsdp(lay)
 
 
 def autocast(s: Shape, lay: Layout) -> bool:
-    """bf16 without FSDP (one process, or native ZeRO-1) runs under torch.autocast: fp32 weights and
-    residual stream, bf16 matmuls."""
-    return s.e == 2 and lay.engine == "native" and not uses_fsdp(lay)
+    """train.dtype=bf16 runs under torch.autocast on every layout and engine: fp32 weights and residual
+    stream, bf16 matmuls."""
+    return s.autocast
 
 
 def residual_bytes(s: Shape, lay: Layout) -> int:
@@ -270,31 +281,32 @@ def _states(s: Shape, lay: Layout, p: float, unit: float, root: float, embed: fl
     block, `root` the root FSDP unit (embedding, final norm, head), `embed` and `head` the embedding's and the
     output head's shares of `p`. `gathered`: unsharded parameters alive while any block computes (forward,
     recompute, the head's backward); `reduce`: the largest moment of a gradient reduction in backward."""
-    e, dp, ds = s.e, lay.dp, lay.dp_shard
+    g, dp, ds = s.pb, lay.dp, lay.dp_shard  # g: parameter (and all-gathered) element bytes
     shard = lay.sharding
+    casts = 2 * (p - embed) if autocast(s, lay) else 0.0  # bf16 cast of every matmul weight, cached for the step
     if lay.engine == "deepspeed":
         master = 12 * p / dp
         if shard == "zero3":
-            return e * p / dp, e * p / dp, master, 0.0, 2 * e * unit, 0.0
-        grads = e * p if shard in ("none", "zero1") else e * p / dp + e * min(p, DS_REDUCE_BUCKET)
-        return e * p, grads, master, 0.0, 0.0, 0.0
-    casts = 2 * (p - embed) if autocast(s, lay) else 0.0  # bf16 cast of every matmul weight, kept until backward
-    if native_zero1(lay):  # fp32 params and gradients whole; fp32 master slices + moments: 12 bytes / dp
-        return 4 * p, 4 * p, 12 * p / dp, casts, 0.0, 0.0
+            return g * p / dp, g * p / dp, master, casts, 2 * g * unit, 0.0
+        grads = g * p if shard in ("none", "zero1") else g * p / dp + g * min(p, DS_REDUCE_BUCKET)
+        return g * p, grads, master, casts, 0.0, 0.0
+    if native_zero1(s, lay):  # params and gradients whole; fp32 master slices + moments: 12 bytes / dp
+        return g * p, g * p, 12 * p / dp, casts, 0.0, 0.0
     if lay.dp == 1:
         return 4 * p, 4 * p, 8 * p, casts, 0.0, 0.0
     sharded = 4 * p / ds
     if lay.pp > 1:  # pipelining keeps every unit unsharded and accumulates fp32 unsharded grads until the last
-        return sharded, sharded, 2 * sharded, e * p + 4 * p, 0.0, 0.0
-    # A unit's reduce-scatter holds its unsharded gradients (+ their fp32 copy under bf16: reduce_dtype fp32)
-    # while the output head's unsharded gradient waits for the root unit's reduction at the end of backward.
-    rs = e + (4 if e == 2 else 0)
+        return sharded, sharded, 2 * sharded, g * p + 4 * p + casts, 0.0, 0.0
+    # A unit's reduce-scatter holds its unsharded gradients (+ their fp32 copy under bf16_params: reduce_dtype
+    # fp32) while the output head's unsharded gradient waits for the root unit's reduction at the end of backward.
+    rs = g + (4 if g == 2 else 0)
     if lay.zero_stage == 2:  # gathered from forward until each unit's backward
-        return sharded, sharded, 2 * sharded, e * p, 0.0, max(e * head + rs * unit, rs * root)
+        return sharded, sharded, 2 * sharded, g * p + casts, 0.0, max(g * head + rs * unit, rs * root)
     # zero_stage 3: the root stays gathered through forward and backward, plus the current and prefetched block;
     # during a block's reduction the next block is gathered, at the end only the root
-    gathered = e * (root + 2 * unit)
-    return sharded, sharded, 2 * sharded, 0.0, gathered, max(e * (root + unit + head) + rs * unit, e * root + rs * root)
+    gathered = g * (root + 2 * unit)
+    return (sharded, sharded, 2 * sharded, casts, gathered,
+            max(g * (root + unit + head) + rs * unit, g * root + rs * root))
 
 
 def _largest(s: Shape, lay: Layout, layers: int, first: bool, last: bool) -> float:
@@ -320,21 +332,19 @@ def _optimizer_phase(s: Shape, lay: Layout, k: Kernels, states: tuple[float, flo
                      first: bool, last: bool) -> float:
     """Peak bytes after backward (activations freed): the data-parallel reduction and the optimizer step.
 
-    Native ZeRO-1 (exatrain.engine.optimizer.ZeroOneOptimizer) reduces by padding each fp32 gradient to
-    dp equal chunks and concatenating them rank-major before one reduce-scatter, so the padded copies and
-    the concatenated buffer (4 bytes per parameter each) coexist with the gradients; after AdamW on the
+    The ZeRO-1 optimizer (exatrain.engine.optimizer.ZeroOneOptimizer.reduce_grads) allocates one fp32
+    (dp x Σ chunks) send buffer while every gradient is still alive (4 bytes per parameter on top of them),
+    copies each gradient into it and frees it; the reduce-scatter then adds the received fp32 slice (4/dp,
+    kept as the master gradients) and, on gloo, the collective's own copy of its input. After AdamW on the
     slices, the slices are concatenated and all-gathered into a whole fp32 buffer (4 bytes per parameter)
     that each parameter copies from through one strided column (one copy of the largest tensor)."""
     params, grads, opt = states
     largest = _largest(s, lay, layers, first, last)
     adam = _adam_temporary(s, lay, k, layers, largest)
-    if native_zero1(lay):
+    if native_zero1(s, lay):
         slices = 4 * p / lay.dp
-        # the padded chunks and their concatenation; then the concatenated input, the output slices and, on gloo,
-        # the collective's own copy of the input
-        reduce = params + grads + opt + max(k.zero1_reduce_copies * 4 * p,
-                                            (4 * p if k.zero1_reduce_copies else 0.0) + slices
-                                            + (4 * p if k.reduce_scatter_input_copy else 0.0))
+        send = params + opt + 4 * p  # the send buffer; the gradients are freed as they are copied into it
+        reduce = max(send + grads, send + slices + (4 * p if k.reduce_scatter_input_copy else 0.0))
         step = params + opt + slices + adam
         gather = params + opt + 2 * slices + 4 * p + 4 * largest
         return max(reduce, step, gather)
@@ -378,7 +388,7 @@ def estimate_memory(cfg: JobConfig, lay: Layout, kernels: Kernels | None = None,
             transient = max(transient, gathered + peak * tokens)
         embed_grad = 0.0
         if first and lay.tp > 1:  # DTensor's embedding backward builds the whole-vocabulary gradient on every TP rank
-            embed_grad = (s.e if uses_fsdp(lay) else 4) * s.vocab * s.h * (1 - 1 / lay.tp)
+            embed_grad = s.pb * s.vocab * s.h * (1 - 1 / lay.tp)
             transient = max(transient, embed_grad)
         # one micro-batch: gradients are created while backward frees the activations (native engine: the
         # previous step's gradients are gone, set to None by the optimizer or by ZeRO-1's reduce-scatter)
@@ -390,7 +400,7 @@ def estimate_memory(cfg: JobConfig, lay: Layout, kernels: Kernels | None = None,
             backward = _fsdp3_backward(s, lay, (params + opt + buffers, grads, acts, acts - head_kept), layers, root,
                                        head, gathered, (recompute * tokens, head_bytes(s, lay, k)[1] * tokens
                                                         if last else 0.0, embed_grad), held_grads)
-        step_grads = 4 * p / lay.dp if native_zero1(lay) or lay.engine == "deepspeed" else -1.0
+        step_grads = 4 * p / lay.dp if native_zero1(s, lay) or lay.engine == "deepspeed" else -1.0
         ranks.append(RankMemory(r, params, grads, opt, buffers, acts, transient, step, held_grads, backward,
                                 step_grads))
     return MemoryEstimate(ranks)
@@ -408,7 +418,7 @@ def _fsdp3_backward(s: Shape, lay: Layout, held: tuple[float, float, float, floa
     gradients, activations, block activations); `transients` = (recompute, head backward, embedding gradient)."""
     base, grads, acts, block_acts = held
     recompute, head_peak, embed_grad = transients
-    e, unit, ds = s.e, s.layer_params(lay.tp), lay.dp_shard
+    e, unit, ds = s.pb, s.layer_params(lay.tp), lay.dp_shard  # e: the all-gathered parameter dtype
     # FSDP2's foreach_reduce copies a unit's unsharded gradients into a flat fp32 input (reduce_dtype fp32), frees
     # them, then allocates the sharded output: 4 bytes + the larger of the two per element
     rs = 4 + max(e, 4 / ds)

@@ -9,13 +9,14 @@ exatrain's DTensor plans do not overlap (2 all-gathers + 2 reduce-scatters of b�
 with sequence parallelism, 2 all-reduces without; as many in backward and in a full recompute).
 Bubble: (pp−1)/(v·m) of the m micro-batches, scaled for the zero-bubble schedules by the ZB paper's
 (T_F + T_B − T_W) (ZB-H1, InterleavedZeroBubble) and (T_F + T_B − 2·T_W) (ZBV) over (T_F + T_B + T_W).
-DP: FSDP2 gathers parameters and reduce-scatters fp32 gradients every micro-batch, hidden behind up to
+DP: FSDP2 gathers parameters (bf16 under bf16_params, else fp32) and reduce-scatters fp32 gradients every
+micro-batch, hidden behind up to
 `cluster.overlap` of the micro-batch's compute but never better than one unit exposed (under PP only
 once per step, and the reduction is exposed); DeepSpeed ZeRO-1/2 reduce once per step after
 backward and all-gather the updated parameters (exposed); native ZeRO-1 likewise, in fp32 both ways
 (fp32 gradients reduce-scattered, fp32 master slices all-gathered) plus its buffer copies. bf16 under
-autocast (one process, native ZeRO-1) adds the weight casts (once per step) and fp32 gradient
-accumulation (every micro-batch) at HBM bandwidth.
+autocast (every layout) adds the weight casts (once per step) and fp32 gradient accumulation (every
+micro-batch) at HBM bandwidth.
 """
 
 from __future__ import annotations
@@ -205,16 +206,16 @@ def _dp_comm(s: Shape, lay: Layout, cl: Cluster, p: float, m: int, mb_compute: f
     """Exposed data-parallel seconds per step for `p` local parameters."""
     if lay.dp == 1:
         return 0.0
-    e = s.e
+    e = s.pb  # parameters and gradients: bf16 under bf16_params (FSDP2 all-gathers, DeepSpeed's bf16 mode)
     inner = lay.tp  # dp ranks sit tp apart (mesh order pp, dp_replicate, dp_shard, tp)
     shard_link, shard_bw = cl.link(lay.dp_shard, inner)
     rep_link, rep_bw = cl.link(lay.dp_replicate, inner * lay.dp_shard)
     shard = lay.sharding
-    if native_zero1(lay):  # fp32 gradients reduce-scattered, fp32 master slices all-gathered, after the last micro-batch
+    if native_zero1(s, lay):  # fp32 gradients reduce-scattered, fp32 master slices all-gathered after the last mb
         link, bw = cl.link(lay.dp, inner)
-        # read + write: pad and concatenate the gradients before (16 B/param); pad and concatenate the slices
-        # (16/dp) and copy every parameter out of the gathered buffer (8) after
-        copies = (24 + 16 / lay.dp) * p / (cl.gemm.hbm_gbs * 1e9)
+        # read + write: zero the send buffer and copy every gradient into it before (8 + e B/param); pad and
+        # concatenate the slices (16/dp) and copy every parameter out of the gathered buffer (8) after
+        copies = (16 + e + 16 / lay.dp) * p / (cl.gemm.hbm_gbs * 1e9)
         return link.time("reduce_scatter", 4 * p, lay.dp, bw) + link.time("all_gather", 4 * p, lay.dp, bw) + copies
     if shard in ("zero1", "zero2") or lay.engine == "deepspeed" and shard != "zero3":
         n, link, bw = lay.dp, *cl.link(lay.dp, inner)
@@ -238,11 +239,13 @@ def _grad_accumulation(s: Shape, lay: Layout, p: float, m: int) -> tuple[float, 
     """(per step, per micro-batch) HBM bytes that gradient accumulation and autocast add outside the GEMMs.
     Every micro-batch after the first adds its weight gradients into fp32 accumulators (read both, write
     one: 12 bytes per element; FSDP2 without PP accumulates its reduce-scattered shards, under PP the
-    whole unsharded gradients), spread here over all m micro-batches; under autocast the bf16 weight
-    gradient is first cast to fp32 (read 2, write 4) every micro-batch, and every weight is cast to bf16
-    once per step (read 4, write 2; the cast is cached across the step's micro-batches)."""
+    whole unsharded gradients; bf16 gradients under bf16_params without FSDP: 6 bytes), spread here over all
+    m micro-batches; under autocast the bf16 weight gradient is first cast to fp32 (read 2, write 4) every
+    micro-batch, and every weight is cast to bf16 once per step (read 4, write 2; the cast is cached across
+    the step's micro-batches)."""
     whole = p / lay.dp_shard if uses_fsdp(lay) and lay.pp == 1 else p
-    per_mb = 12 * whole * max(0, m - 1) / m
+    grad = 4 if uses_fsdp(lay) else s.pb
+    per_mb = 3 * grad * whole * max(0, m - 1) / m
     if autocast(s, lay):
         return 6 * p, per_mb + 6 * p
     return 0.0, per_mb

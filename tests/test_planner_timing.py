@@ -66,8 +66,8 @@ def test_bubble_follows_schedule():
 @pytest.mark.parametrize("name, tp, pp, paper", [("22b", 1, 8, 0.3838), ("175b", 4, 16, 0.3614), ("1t", 4, 128, 0.3196)])
 def test_frontier_paper_throughput(name, tp, pp, paper):
     """Dash et al. 2024: TFLOP/s per GCD (Megatron formula, full recompute) / 191.5 for 22B, 175B, 1T with
-    TP/PP/DP2, ZeRO-1, 1F1B, micro-batch 1. The MI250X default GEMM efficiency was fitted to the 22B run;
-    175B and 1T are predictions (-4%, -12%)."""
+    TP/PP/DP2, ZeRO-1 with bf16 parameters and fp32 masters, 1F1B, micro-batch 1. The MI250X default GEMM
+    efficiency was fitted to the 22B run; 175B and 1T are predictions (-3%, -10%)."""
     cfg, cl = _frontier(name)
     lay = Layout(tp, pp, 2, 1, 1, "1F1B", "native", 1, 1, "full")
     got = estimate_step_time(cfg, lay, cl).megatron_tflops / 191.5

@@ -13,11 +13,12 @@ Sources for the defaults:
 - H100 SXM 80 GB: 989 TFLOP/s BF16, 3.35 TB/s, NVLink 4 900 GB/s bidirectional; DGX H100: 8x400 Gb/s
   NDR per node. H200: 141 GB, 4.8 TB/s, same compute and links. A100 SXM 80 GB: 312 TFLOP/s,
   2.0 TB/s, NVLink 3 600 GB/s bidirectional; DGX A100: 8x200 Gb/s HDR (NVIDIA datasheets).
-Calibrated: the MI250X GEMM efficiency (0.465) is the value at which this time model reproduces the
+Calibrated: the MI250X GEMM efficiency (0.444) is the value at which this time model reproduces the
 Frontier paper's 22B throughput (Dash et al. 2024: 38.38% of 191.5 TFLOP/s, TP1 PP8 ZeRO-1 DP2, 1F1B,
-full recompute, GBS 640, modelled as exatrain's native ZeRO-1 in bf16 autocast with its gradient
-accumulation traffic); with it the model predicts 35.1% for their 175B and 28.6% for their 1T runs
-(measured 36.14% and 31.96%). Assumptions (not measured anywhere here; replace them with
+full recompute, GBS 640, modelled as exatrain's native ZeRO-1 with bf16 parameters and fp32 masters,
+train.dtype=bf16_params, as the paper's DeepSpeed bf16 mode ran, with its gradient accumulation
+traffic); with it the model predicts 35.0% for their 175B and 28.7% for their 1T runs (measured 36.14%
+and 31.96%). Assumptions (not measured anywhere here; replace them with
 `bench gemm|comm`): large GEMMs reach 0.75 of peak on H100/H200 and 0.80 on A100, collectives 80% of
 a link's one-direction peak, α = 10 µs in a node and 20 µs across nodes, 5 µs per kernel launch, and
 FSDP/ZeRO-3 collectives hide behind at most 70% of the compute they overlap (kernels share the GPU;
@@ -108,7 +109,7 @@ class Device:
 
 
 DEVICES = {
-    "mi250x": Device("AMD MI250X GCD", 64.0, 191.5, 47.9, 1638.0, 0.465),
+    "mi250x": Device("AMD MI250X GCD", 64.0, 191.5, 47.9, 1638.0, 0.444),
     "h100": Device("NVIDIA H100 SXM", 80.0, 989.0, 67.0, 3350.0, 0.75),
     "h200": Device("NVIDIA H200 SXM", 141.0, 989.0, 67.0, 4800.0, 0.75),
     "a100": Device("NVIDIA A100 SXM 80GB", 80.0, 312.0, 19.5, 2039.0, 0.80),

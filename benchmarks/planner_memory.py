@@ -2,11 +2,12 @@
 
     python benchmarks/planner_memory.py            # ~3 min on 2 CPU cores
 
-(a) real CPU runs: one process (fp32, bf16 autocast, every AC mode) and torchrun with 2 and 4 gloo ranks
-    (FSDP2, TP+SP, PP under GPipe/1F1B/ZBV, PP x FSDP), every rank's parameter/gradient/optimizer bytes
-    and the step's peak of live tensors (torch MemTracker; pipeline peaks per rank);
-(b) FakeTensorMode at the Frontier 22B/175B/1T shapes (2 blocks, the paper's TP, FSDP2 ZeRO-3 or native ZeRO-1
-    over 2 fake data-parallel ranks):
+(a) real CPU runs: one process (fp32, bf16 autocast, every AC mode; bf16_params) and torchrun with 2 and 4
+    gloo ranks (FSDP2 under autocast and under bf16_params, native ZeRO-1 in both, TP+SP, PP under
+    GPipe/1F1B/ZBV, PP x FSDP), every rank's parameter/gradient/optimizer bytes and the step's peak of
+    live tensors (torch MemTracker; pipeline peaks per rank);
+(b) FakeTensorMode at the Frontier 22B/175B/1T shapes (2 blocks, the paper's TP, the recipes' bf16_params,
+    FSDP2 ZeRO-3 or native ZeRO-1 over 2 fake data-parallel ranks):
     per-rank bytes without allocating, then the full-depth prediction for the paper layouts;
 (c) Korthikanti et al. 2022's 22B activation anchors and what our Llama block holds at the same shape.
 Writes benchmarks/out/planner_memory.{json,md}.
@@ -42,12 +43,16 @@ SMALL = ["model.dim=256", "model.n_layers=4", "model.n_heads=8", "model.n_kv_hea
          "model.max_seq_len=128", "model.tie_embeddings=false", "data.seq_len=128", "train.global_batch=8",
          "train.micro_batch=2"]
 SINGLE = [(d, Layout(micro_batch=2, activation_checkpointing=ac)) for d in ("fp32", "bf16")
-          for ac in ("none", "selective", "full")]
+          for ac in ("none", "selective", "full")] + [("bf16_params", Layout(micro_batch=2))]
 MULTI = {  # world -> [(dtype, layout)]
-    2: [("bf16", Layout(dp_shard=2, micro_batch=2)), ("fp32", Layout(tp=2, micro_batch=2, activation_checkpointing="selective")),
+    2: [("bf16", Layout(dp_shard=2, micro_batch=2)), ("bf16_params", Layout(dp_shard=2, micro_batch=2)),
+        ("bf16", Layout(dp_shard=2, micro_batch=2, zero_stage=1)),
+        ("bf16_params", Layout(dp_shard=2, micro_batch=2, zero_stage=1)),
+        ("fp32", Layout(tp=2, micro_batch=2, activation_checkpointing="selective")),
         ("fp32", Layout(pp=2, micro_batch=1, schedule="GPipe")), ("fp32", Layout(pp=2, micro_batch=1, schedule="1F1B")),
         ("fp32", Layout(pp=2, micro_batch=1, schedule="ZBVZeroBubble", virtual_stages=2))],
-    4: [("bf16", Layout(pp=2, dp_shard=2, micro_batch=1, zero_stage=2)), ("bf16", Layout(tp=2, dp_shard=2, micro_batch=2))],
+    4: [("bf16_params", Layout(pp=2, dp_shard=2, micro_batch=1, zero_stage=2)),
+        ("bf16_params", Layout(tp=2, dp_shard=2, micro_batch=2))],
 }
 FRONTIER = {"22b": (1, 8), "175b": (4, 16), "1t": (4, 128)}  # the paper's (TP, PP)
 
@@ -142,7 +147,7 @@ def frontier_shapes() -> list[dict]:
             with fake_world(lay.world):
                 got = measure_step(cfg, lay, fake=True)
             pred = estimate_memory(cfg, lay, Kernels.for_device("cpu", fake_collectives=True)).ranks[0]
-            rows.append(_row(f"fake {name} x2 blocks", "bf16", lay, 0, {"params": got.params, "grads": got.grads,
+            rows.append(_row(f"fake {name} x2 blocks", cfg.train.dtype, lay, 0, {"params": got.params, "grads": got.grads,
                              "optim": got.optimizer, "act": got.activations, "peak": got.peak}, pred))
     return rows
 
@@ -200,15 +205,15 @@ def report(rows: list[dict], frontier: list[dict], paper: list[dict], kor: dict)
                      f"{ratio(r.get('optim_measured'), r['optim_pred'])} | {mib(r.get('act_measured'))} ({mib(r['act_pred'])}) | "
                      f"{ratio(r.get('act_measured'), r['act_pred'])} | {mib(r.get('peak_measured'))} ({mib(r['peak_pred'])}) | "
                      f"{ratio(r.get('peak_measured'), r['peak_pred'])} |")
-    lines += ["", ("### Frontier shapes under FakeTensorMode (2 blocks, bf16, FSDP2 ZeRO-3 or native ZeRO-1 over 2 fake ranks, "
-              "seq 2048, mb 1)"), "",
+    lines += ["", ("### Frontier shapes under FakeTensorMode (2 blocks, bf16_params, FSDP2 ZeRO-3 or native ZeRO-1 "
+              "over 2 fake ranks, seq 2048, mb 1)"), "",
               "| model | layout | params | grads | optim | act GiB (pred) | peak GiB (pred) |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in frontier:
         lines.append(f"| {r['kind']} | {r['layout']} | {ratio(r['params_measured'], r['params_pred'])} | "
                      f"{ratio(r['grads_measured'], r['grads_pred'])} | {ratio(r['optim_measured'], r['optim_pred'])} | "
                      f"{r['act_measured'] / GIB:.3f} ({r['act_pred'] / GIB:.3f}) | "
                      f"{r['peak_measured'] / GIB:.2f} ({r['peak_pred'] / GIB:.2f}) |")
-    lines += ["", "### Paper layouts, full depth, GPU kernels (most loaded pipeline rank, GiB)", "",
+    lines += ["", "### Paper layouts, full depth, GPU kernels, bf16_params (most loaded pipeline rank, GiB)", "",
               "| model | layout | rank | params | grads | optim | buffers | activations | transient | peak |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in paper:

@@ -89,6 +89,15 @@ def test_cli_plan_proposes_native_zero1_with_overrides(capsys):
     assert out.count("exatrain train 22b-frontier.yaml") == 3 and "parallel.zero_stage=" in out
 
 
+def test_bf16_params_plans_against_the_bf16_peak():
+    """The Frontier recipes run train.dtype=bf16_params, which computes in bf16: plan and bench gemm must use the
+    bf16 GEMM peak, not fp32's."""
+    from exatrain.bench.cli import _cluster
+
+    assert _cluster("frontier", "bf16_params").gemm.peak_tflops == _cluster("frontier", "bf16").gemm.peak_tflops
+    assert _cluster("frontier", "bf16").gemm.peak_tflops > _cluster("frontier", "fp32").gemm.peak_tflops
+
+
 @pytest.mark.slow
 def test_local_scaling_sweep_with_pipeline_bubble(tmp_path):
     """One torchrun point: pp2 on 2 processes, strong scaling; bench.json has the breakdown with a bubble."""

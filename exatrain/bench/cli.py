@@ -34,11 +34,16 @@ def _config(args: argparse.Namespace):
     return load_config(*split_config_args([args.config, *args.overrides]))
 
 
+def _compute_dtype(dtype: str) -> str:
+    """train.dtype -> the dtype the GEMMs run in: bf16_params computes in bf16 like autocast."""
+    return "fp32" if dtype == "fp32" else "bf16"
+
+
 def _cluster(name: str, dtype: str):
     from exatrain.bench.hardware import load_cluster
 
     try:
-        return load_cluster(name, "bf16" if dtype == "bf16" else "fp32")
+        return load_cluster(name, _compute_dtype(dtype))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -203,7 +208,7 @@ def cmd_bench_gemm(args: argparse.Namespace) -> int:
     shapes, dtype = None, args.dtype
     if args.config:
         cfg = _config(args)
-        dtype = dtype or cfg.train.dtype
+        dtype = dtype or _compute_dtype(cfg.train.dtype)
         tps = tuple(int(x) for x in args.tp.split(","))
         mbs = tuple(int(x) for x in args.micro_batch.split(","))
         shapes = model_gemm_shapes(cfg, tps, mbs)

@@ -28,6 +28,9 @@ def test_fit_recovers_alpha_beta():
     assert a == pytest.approx(alpha, rel=1e-6) and b == pytest.approx(beta, rel=1e-6)
     with pytest.raises(ValueError, match="larger messages"):
         fit_alpha_beta([(1.0, 2.0), (2.0, 1.0)])
+    # relative weighting: 30% noise on the largest message barely moves α (an unweighted fit's α goes negative)
+    noisy = [(x, t * (1.3 if x == max(x for x, _ in samples) else 1.0)) for x, t in samples]
+    assert fit_alpha_beta(noisy)[0] == pytest.approx(alpha, rel=0.2)
 
 
 def test_gemm_cache_feeds_the_time_model(tmp_path, capsys):

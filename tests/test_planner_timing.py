@@ -7,9 +7,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from helpers import REPO
 
 from exatrain.bench.hardware import GemmModel, Link, default_cluster
 from exatrain.bench.layout import Layout
+from exatrain.bench.memory import Shape
 from exatrain.bench.timing import estimate_step_time
 from exatrain.config import load_config
 
@@ -72,3 +74,49 @@ def test_frontier_paper_throughput(name, tp, pp, paper):
     lay = Layout(tp, pp, 2, 1, 1, "1F1B", "native", 1, 1, "full")
     got = estimate_step_time(cfg, lay, cl).megatron_tflops / 191.5
     assert got == pytest.approx(paper, rel=0.01 if name == "22b" else 0.15)
+
+
+def test_collective_calls_each_pay_alpha():
+    link = Link(alpha_s=1e-4, bw_gbs=1.0, source="test")
+    assert link.time("all_gather", 1e6, 2, calls=5) == pytest.approx(5e-4 + 0.5 * 1e6 / 1e9)
+    assert link.time("all_gather", 1e6, 2, calls=5) - link.time("all_gather", 1e6, 2) == pytest.approx(4e-4)
+
+
+def test_fsdp2_units_and_cost():
+    """One collective per FSDP unit (every block plus the root); ZeRO-3 re-gathers the blocks in backward;
+    FSDP2's copy-in / copy-out / chunk_cat traffic is priced at memory bandwidth and never hidden."""
+    from exatrain.bench.timing import _fsdp2, fsdp2_units
+
+    lay3, lay2 = Layout(dp_shard=2, micro_batch=4), Layout(dp_shard=2, micro_batch=4, zero_stage=2)
+    assert fsdp2_units(lay3, 4, 10.0, 2.0) == (9, 5, 18.0)
+    assert fsdp2_units(lay2, 4, 10.0, 2.0) == (5, 5, 10.0)
+    link = Link(alpha_s=1e-3, bw_gbs=1.0, source="test")
+    cl = replace(default_cluster("frontier"), intra=link, pair=None, devices_per_node=8, overlap=0.25,
+                 host_serial=True, gemm=GemmModel(1.0, 1.0, 10.0, 0.0))
+    s = Shape(h=8, layers=4, heads=1, kv=8, head_dim=8, ffn=16, vocab=32, seq=8, tied=False, e=4,
+              attention="sdpa")
+    p, unit, m = 1e6, 2e5, 2
+    comm = (9 * 1e-3 + 0.5 * 4 * 1.8e6 / 1e9) + (5 * 1e-3 + 0.5 * 4 * p / 1e9)
+    copies = (2 * 4 * 1.8e6 * 1.5 + 8 * p) / 10e9
+    compute = 1.0  # more than the collectives: a CPU rank still hides only `overlap` of them
+    assert _fsdp2(s, lay3, cl, p, m, compute, unit, 4) == pytest.approx(m * (0.75 * comm + copies))
+    gpu = replace(cl, host_serial=False)  # a GPU hides them behind compute, down to one unit exposed
+    assert _fsdp2(s, lay3, gpu, p, m, compute, unit, 4) == pytest.approx(m * (comm * unit / p + copies))
+
+
+def test_tp_collectives_use_the_measured_dtensor_link():
+    from exatrain.bench.hardware import load_cluster
+
+    cfg = load_config("tiny.yaml", ["model.dim=256", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4",
+                                    "data.seq_len=256", "model.max_seq_len=256", "train.global_batch=8"])
+    cl = load_cluster("local", "fp32", REPO / "benchmarks" / "out" / "local_profile")
+    lay = Layout(tp=2, micro_batch=8)
+    raw = replace(cl, tp_link=None)
+    slow = replace(cl, tp_link=Link(5e-3, 0.1, "test"))
+    assert estimate_step_time(cfg, lay, slow).tp_comm > estimate_step_time(cfg, lay, raw).tp_comm
+    s = Shape.of(cfg)
+    size = 8 * 256 * s.h * s.e
+    t = slow.tp_link
+    per_block = 2 * (t.time("all_gather", size, 2) + t.time("reduce_scatter", size, 2))
+    edge = t.time("reduce_scatter", size, 2) + t.time("all_gather", size, 2) + 3 * cl.intra.time("all_reduce", 8 * 256 * 4, 2)
+    assert estimate_step_time(cfg, lay, slow).tp_comm == pytest.approx(4 * 2 * per_block + 2 * edge)

@@ -54,7 +54,9 @@ class Link:
     source: str
     ops: tuple[tuple[str, float, float], ...] = ()  # (op, α s, β GB/s) measured per operation
 
-    def time(self, op: str, nbytes: float, n: int, bw_gbs: float | None = None) -> float:
+    def time(self, op: str, nbytes: float, n: int, bw_gbs: float | None = None, calls: int = 1) -> float:
+        """Seconds for `nbytes` moved by `calls` separate collectives of `op` over `n` ranks: every call pays α
+        (FSDP2 gathers one unit at a time, DTensor issues one collective per redistribution)."""
         if n <= 1 or nbytes <= 0:
             return 0.0
         alpha, beta = self.alpha_s, self.bw_gbs
@@ -63,8 +65,8 @@ class Link:
                 alpha, beta = a, b
         bw = beta * (bw_gbs / self.bw_gbs if bw_gbs else 1.0) * 1e9
         if op == "p2p":
-            return alpha + nbytes / bw
-        return alpha + COLLECTIVE_FACTOR[op] * (n - 1) / n * nbytes / bw
+            return calls * alpha + nbytes / bw
+        return calls * alpha + COLLECTIVE_FACTOR[op] * (n - 1) / n * nbytes / bw
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,8 @@ class Cluster:
     op_s: float = 0.0  # host time per dispatched aten op (measured by `bench gemm`; 0 = hidden behind the GPU)
     dtensor_op_s: float = 0.0  # extra host time per DTensor op (sharding propagation)
     host_serial: bool = False  # host and device work add up (CPU) instead of overlapping (GPU)
+    tp_link: Link | None = None  # in-node collectives as DTensor issues them for TP (`bench comm` measures it:
+    #                              redistribute along the sequence dim, Python planning and dim-1 copies included)
 
     def link(self, n: int, stride: int) -> tuple[Link, float]:
         """The link a group of `n` ranks `stride` apart uses, and its effective bandwidth (GB/s).
@@ -227,6 +231,13 @@ def load_cluster(name: str, dtype: str = "bf16", directory: Path | None = None) 
     if data.get("comm", {}).get("overlap") is not None:
         cl = replace(cl, overlap=float(data["comm"]["overlap"]["fraction"]))
         measured.append("overlap")
+    tp = data.get("comm", {}).get("tp", {}).get("ops")
+    if tp:
+        base = tp.get("all_gather") or next(iter(tp.values()))
+        cl = replace(cl, tp_link=Link(base["alpha_s"], base["bw_gbs"], f"measured {data['comm']['tp'].get('when', '')}"
+                                      " (DTensor redistribute)", tuple((op, f["alpha_s"], f["bw_gbs"])
+                                                                       for op, f in tp.items())))
+        measured.append("comm.tp")
     for scope in ("intra", "inter", "pair"):
         fit = data.get("comm", {}).get(scope)
         if fit:

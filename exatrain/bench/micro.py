@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -196,13 +195,20 @@ def _memory_gib(dev: torch.device) -> float:
 
 def fit_alpha_beta(samples: list[tuple[float, float]]) -> tuple[float, float]:
     """Least-squares t = α + x/β over (x bytes, t seconds), x already scaled by the collective's factor;
-    returns (α s, β GB/s). α is clamped at 0 (a negative intercept is noise)."""
+    returns (α s, β GB/s). α is clamped at 0 (a negative intercept is noise).
+
+    The fit minimises the *relative* residual ((t − α − x/β)/t, weight 1/t²): message sizes span three
+    decades, and an unweighted fit lets the millisecond noise of the largest messages set α, the cost of
+    every small call (gloo's measured 64 KiB calls took 2-20x the unweighted α). Weighted, α follows the
+    small messages and β the large ones."""
     if len(samples) < 2:
         raise ValueError("need at least two message sizes to fit α and β")
-    xs, ts = zip(*samples)
-    mx, mt = statistics.fmean(xs), statistics.fmean(ts)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sxx if sxx else 0.0
+    ws = [1.0 / max(t, 1e-12) ** 2 for _, t in samples]
+    sw = sum(ws)
+    mx = sum(w * x for w, (x, _) in zip(ws, samples)) / sw
+    mt = sum(w * t for w, (_, t) in zip(ws, samples)) / sw
+    sxx = sum(w * (x - mx) ** 2 for w, (x, _) in zip(ws, samples))
+    slope = sum(w * (x - mx) * (t - mt) for w, (x, t) in zip(ws, samples)) / sxx if sxx else 0.0
     if slope <= 0:
         raise ValueError(f"time does not grow with message size (slope {slope:.3g} s/B): measure larger messages")
     alpha = max(0.0, mt - slope * mx)
@@ -297,6 +303,8 @@ def comm(ranks_per_node: int, sizes: tuple[int, ...] = (2**18, 2**20, 2**22, 2**
             per_op[op] = {"alpha_s": a, "bw_gbs": b * share}
         result[scope] = {"alpha_s": alpha, "bw_gbs": beta * share, "group_bw_gbs": beta, "ranks_per_node":
                          ranks_per_node, "when": _now(), "rows": rows, "ops": per_op}
+    if ranks_per_node > 1:
+        result["tp"] = measure_redistribute(intra[rank // ranks_per_node], device, sizes, repeats)
     result["overlap"] = measure_overlap(device, repeats)
     dist.barrier()
     shared = torch.tensor([memory_bandwidth(device)])  # every rank streams at once, as in a training step
@@ -308,8 +316,11 @@ def comm(ranks_per_node: int, sizes: tuple[int, ...] = (2**18, 2**20, 2**22, 2**
               f"(compute {result['overlap']['compute_s'] * 1e3:.1f} ms, all-reduce {result['overlap']['comm_s'] * 1e3:.1f}"
               f" ms, both {result['overlap']['both_s'] * 1e3:.1f} ms)")
         print(f"memory bandwidth with every rank streaming: {result['shared_hbm_gbs']['gbs']:.1f} GB/s per rank")
+        print("tensor parallelism (DTensor redistribute along the sequence dim, in-node group): "
+              + ", ".join(f"{op} {f['alpha_s'] * 1e6:.0f} µs {f['bw_gbs']:.3f} GB/s" for op, f in result["tp"]["ops"].items())
+              if "tp" in result else "")
         for scope, fit in result.items():
-            if scope in ("overlap", "shared_hbm_gbs"):
+            if scope in ("overlap", "shared_hbm_gbs", "tp"):
                 continue
             print(f"{scope}: α = {fit['alpha_s'] * 1e6:.1f} µs, β = {fit['group_bw_gbs']:.3f} GB/s per group"
                   + (f" ({fit['bw_gbs']:.3f} GB/s per node)" if scope == "inter" else "") + "; per op: "
@@ -317,6 +328,54 @@ def comm(ranks_per_node: int, sizes: tuple[int, ...] = (2**18, 2**20, 2**22, 2**
         _update_cache(cluster, directory, ["comm"], result, merge=True)
     dist.barrier()
     return result
+
+
+TP_OPS = {"all_gather": ("shard", "replicate"), "reduce_scatter": ("partial", "shard"),
+          "all_reduce": ("partial", "replicate")}
+
+
+def measure_redistribute(group, device: torch.device, sizes: tuple[int, ...], repeats: int = 5) -> dict:
+    """Collectives as tensor parallelism issues them: `DTensor.redistribute` of a (1, tokens, 256) fp32
+    activation on the in-node group's mesh, Shard(1) -> Replicate (all-gather along the sequence, sequence
+    parallelism's gather before attention and the FFN), Partial -> Shard(1) (reduce-scatter after them) and
+    Partial -> Replicate (all-reduce, TP without SP), `sizes` bytes of the full activation. Each call costs
+    the raw collective plus DTensor's Python redistribution planning and, along dim 1, the copies that
+    gather and scatter a non-leading dim (gloo collectives move dim 0 chunks). Fits t = α + c·(n−1)/n·S/β
+    per op as `comm` does; the time model prices TP collectives with it."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    mesh = DeviceMesh.from_group(group, device.type)
+    n = mesh.size()
+    place = {"shard": Shard(1), "replicate": Replicate(), "partial": Partial()}
+    rows, fits = [], {}
+    for op, (src, dst) in TP_OPS.items():
+        samples = []
+        for size in sizes:
+            tokens = max(n, size // 1024 // n * n)
+            full = torch.ones(1, tokens, 256, device=device)
+            local = full.chunk(n, dim=1)[0].contiguous() if src == "shard" else full
+            x = DTensor.from_local(local, mesh, [place[src]], run_check=False)
+            x.redistribute(mesh, [place[dst]]).to_local()
+            _sync(device)
+            times = []
+            for _ in range(repeats):
+                dist.barrier(group)
+                t0 = time.perf_counter()
+                x.redistribute(mesh, [place[dst]]).to_local()
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+            sec = torch.tensor([min(times)])
+            dist.all_reduce(sec, op=dist.ReduceOp.MAX, group=group)
+            nbytes = full.numel() * full.element_size()
+            samples.append((effective_bytes(op, nbytes, n), float(sec)))
+            rows.append({"op": op, "bytes": nbytes, "n": n, "seconds": float(sec)})
+        try:
+            a, b = fit_alpha_beta(samples)
+        except ValueError:
+            continue
+        fits[op] = {"alpha_s": a, "bw_gbs": b}
+    return {"rows": rows, "ops": fits, "when": _now()}
 
 
 def measure_overlap(device: torch.device, repeats: int = 3, nbytes: int = 2**24) -> dict:

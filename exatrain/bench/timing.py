@@ -6,12 +6,14 @@ cluster's GEMM model), flash/SDPA attention (causal half of 4·T·s·h/t forward
 as in FlashAttention-2), memory-bound pointwise work (norms, RoPE, SwiGLU, residual adds) at HBM
 bandwidth, the recomputation its activation checkpointing implies, and its TP collectives, which
 exatrain's DTensor plans do not overlap (2 all-gathers + 2 reduce-scatters of b·s·h per block forward
-with sequence parallelism, 2 all-reduces without; as many in backward and in a full recompute).
+with sequence parallelism, 2 all-reduces without; as many in backward and in a full recompute), priced as
+`bench comm` measures DTensor's redistribute where it did (`Cluster.tp_link`).
 Bubble: (pp−1)/(v·m) of the m micro-batches, scaled for the zero-bubble schedules by the ZB paper's
 (T_F + T_B − T_W) (ZB-H1, InterleavedZeroBubble) and (T_F + T_B − 2·T_W) (ZBV) over (T_F + T_B + T_W).
 DP: FSDP2 gathers parameters (bf16 under bf16_params, else fp32) and reduce-scatters fp32 gradients every
-micro-batch, hidden behind up to
-`cluster.overlap` of the micro-batch's compute but never better than one unit exposed (under PP only
+micro-batch, one collective per FSDP unit (each paying the link's α) plus its copy-in/copy-out traffic;
+on a GPU the collectives hide behind up to `cluster.overlap` of the micro-batch's compute but never better
+than one unit exposed, on a CPU rank only that fraction of themselves hides (`_hidden`; under PP only
 once per step, and the reduction is exposed); DeepSpeed ZeRO-1/2 reduce once per step after
 backward and all-gather the updated parameters (exposed); native ZeRO-1 likewise, in fp32 both ways
 (fp32 gradients reduce-scattered, fp32 master slices all-gathered) plus its buffer copies. bf16 under
@@ -133,18 +135,27 @@ def pointwise_bytes(s: Shape, lay: Layout, k: Kernels) -> float:
 
 
 def _tp_comm(s: Shape, lay: Layout, cl: Cluster, tokens: int, layers: int, first: bool, last: bool) -> float:
-    """Exposed TP collective seconds for one micro-batch on a rank."""
+    """Exposed TP collective seconds for one micro-batch on a rank: per block and pass 2 all-gathers + 2
+    reduce-scatters of the b·s·h activation along the sequence dim with SP, 2 all-reduces without; the
+    embedding's reduce-scatter and the head's all-gather at the edges, and loss_parallel's 3 small all-reduces.
+    Priced with `cl.tp_link` where `bench comm` measured it (collectives issued through DTensor.redistribute,
+    as exatrain's TP plans issue them: each call pays DTensor's planning on the host and, along dim 1, the
+    copies around gloo's dim-0 collective), else the raw link."""
     if lay.tp == 1:
         return 0.0
     link, bw = cl.link(lay.tp, 1)
+    if cl.tp_link is not None and lay.tp <= cl.devices_per_node:
+        link, bw = cl.tp_link, None
     size = tokens * s.h * s.e
     if lay.sp:
         per_block = 2 * (link.time("all_gather", size, lay.tp, bw) + link.time("reduce_scatter", size, lay.tp, bw))
     else:
         per_block = 2 * link.time("all_reduce", size, lay.tp, bw)
     passes = 3 if lay.activation_checkpointing == "full" else 2  # forward, backward (+ recomputed forward)
-    edge = (link.time("reduce_scatter", size, lay.tp, bw) if first else 0.0) + \
-           (link.time("all_gather", size, lay.tp, bw) + 3 * link.alpha_s if last else 0.0)
+    gather, scatter = ("all_gather", "reduce_scatter") if lay.sp else ("all_reduce", "all_reduce")
+    edge = (link.time(scatter, size, lay.tp, bw) if first else 0.0) + \
+           (link.time(gather, size, lay.tp, bw) + 3 * cl.link(lay.tp, 1)[0].time("all_reduce", tokens * 4, lay.tp)
+            if last else 0.0)
     return layers * passes * per_block + 2 * edge
 
 
@@ -202,8 +213,9 @@ def _bubble_fraction(lay: Layout, m: int, mb: _MicroBatch) -> float:
     return base
 
 
-def _dp_comm(s: Shape, lay: Layout, cl: Cluster, p: float, m: int, mb_compute: float, unit: float) -> float:
-    """Exposed data-parallel seconds per step for `p` local parameters."""
+def _dp_comm(s: Shape, lay: Layout, cl: Cluster, p: float, m: int, mb_compute: float, unit: float,
+             layers: int = 1) -> float:
+    """Exposed data-parallel seconds per step for `p` local parameters in `layers` blocks."""
     if lay.dp == 1:
         return 0.0
     e = s.pb  # parameters and gradients: bf16 under bf16_params (FSDP2 all-gathers, DeepSpeed's bf16 mode)
@@ -223,16 +235,59 @@ def _dp_comm(s: Shape, lay: Layout, cl: Cluster, p: float, m: int, mb_compute: f
     if shard == "zero3":  # DeepSpeed ZeRO-3: gather in forward and backward, reduce-scatter, every micro-batch
         link, bw = cl.link(lay.dp, inner)
         per_mb = 2 * link.time("all_gather", e * p, lay.dp, bw) + link.time("reduce_scatter", e * p, lay.dp, bw)
-        return m * max(per_mb - cl.overlap * mb_compute, per_mb * unit / p)
+        return m * _hidden(cl, per_mb, mb_compute, per_mb * unit / p)
     # native FSDP2 (dp_shard may be 1: replication over dp_replicate)
-    gathers = 2 if lay.zero_stage == 3 and lay.pp == 1 else 1
-    ag = gathers * shard_link.time("all_gather", e * p, lay.dp_shard, shard_bw)
-    rs = shard_link.time("reduce_scatter", 4 * p, lay.dp_shard, shard_bw)
-    ar = rep_link.time("all_reduce", 4 * p / lay.dp_shard, lay.dp_replicate, rep_bw)
+    return _fsdp2(s, lay, cl, p, m, mb_compute, unit, layers)
+
+
+def fsdp2_units(lay: Layout, layers: int, p: float, unit: float) -> tuple[int, int, float]:
+    """(all-gather calls, unit count, gathered parameters) per micro-batch of FSDP2 on one rank holding
+    `layers` blocks of `unit` parameters and `p` in all: exatrain shards every block and then the part's root (embedding, final
+    norm, head) as one more unit, and FSDP2 issues one collective per unit. ZeRO-3 without PP gathers every
+    block in forward and again in backward; the root stays gathered between them (FSDP2 never reshards
+    the root after forward). ZeRO-2, and FSDP2 under PP (its reduction deferred), gather once."""
+    units = layers + 1
+    if lay.zero_stage == 3 and lay.pp == 1:
+        return units + layers, units, p + layers * unit
+    return units, units, p
+
+
+def _fsdp2(s: Shape, lay: Layout, cl: Cluster, p: float, m: int, mb_compute: float, unit: float,
+           layers: int) -> float:
+    """Exposed FSDP2 seconds per step: per unit and micro-batch an all-gather of its parameters (bf16 under
+    bf16_params, else fp32) over dp_shard, a reduce-scatter of its fp32 gradients and, under HSDP, an
+    all-reduce of the shard over dp_replicate, each call paying the link's α; plus FSDP2's copies, memory
+    traffic on the rank's own device: before each all-gather the local shards are copied into one flat
+    input (`_foreach_copy_`, read + write e·P/dp_shard), after it the flat output is copied out into the
+    unsharded parameters (`split_with_sizes_copy`, read + write e·P), before each reduce-scatter the
+    gradients are packed into one flat input (`chunk_cat`, read + write 4·P). Copies run on the compute
+    stream and are never hidden. Collectives hide behind compute as `_hidden` says."""
+    e = s.pb
+    inner = lay.tp
+    shard_link, shard_bw = cl.link(lay.dp_shard, inner)
+    rep_link, rep_bw = cl.link(lay.dp_replicate, inner * lay.dp_shard)
+    calls, units, gathered = fsdp2_units(lay, layers, p, unit)
+    ag = shard_link.time("all_gather", e * gathered, lay.dp_shard, shard_bw, calls)
+    rs = shard_link.time("reduce_scatter", 4 * p, lay.dp_shard, shard_bw, units)
+    ar = rep_link.time("all_reduce", 4 * p / lay.dp_shard, lay.dp_replicate, rep_bw, units)
+    hbm = cl.gemm.hbm_gbs * 1e9
+    copies = (2 * e * gathered * (1 + 1 / lay.dp_shard) + 2 * 4 * p) / hbm if lay.dp_shard > 1 else 0.0
     if lay.pp > 1:  # pipelining defers the reduction to after the last micro-batch: exposed
-        return ag * unit / p + rs + ar
+        return ag * unit / p + rs + ar + copies
     per_mb = ag + rs + ar
-    return m * max(per_mb - cl.overlap * mb_compute, per_mb * unit / p)
+    return m * (_hidden(cl, per_mb, mb_compute, per_mb * unit / p) + copies)
+
+
+def _hidden(cl: Cluster, comm: float, compute: float, floor: float) -> float:
+    """Exposed seconds of `comm` seconds of collectives issued alongside `compute` seconds of work. `cl.overlap`
+    is what `bench comm` measures: the fraction of the shorter of an all-reduce and matmuls of equal length
+    that hides when both run. On a GPU, NCCL runs on its own stream, so a collective hides behind at most
+    that fraction of the compute around it (never better than `floor`, the first unit, exposed). On a CPU
+    rank (`host_serial`) the collective's bytes are moved by the same core that computes (gloo's thread),
+    so more compute cannot hide more of it: only the measured fraction of the collective itself hides."""
+    if cl.host_serial:
+        return comm - cl.overlap * min(comm, compute)
+    return max(comm - cl.overlap * compute, floor)
 
 
 def _grad_accumulation(s: Shape, lay: Layout, p: float, m: int) -> tuple[float, float]:
@@ -286,7 +341,7 @@ def estimate_step_time(cfg: JobConfig, lay: Layout, cl: Cluster, kernels: Kernel
         p2p = (m * lay.virtual_stages + lay.pp - 1) * 2 * link.time("p2p", size, 2, bw)
     unit = s.layer_params(lay.tp)
     p = _local_params(s, lay, layers, first, last)
-    dp = _dp_comm(s, lay, cl, p, m, mb.fwd + mb.bwd_input + mb.bwd_weight, unit)
+    dp = _dp_comm(s, lay, cl, p, m, mb.fwd + mb.bwd_input + mb.bwd_weight, unit, layers)
     opt_params = p / (lay.dp_shard if lay.sharding.startswith("fsdp") else
                       lay.dp if lay.sharding in ("zero1", "zero2", "zero3") else 1)
     optimizer = 40 * opt_params / (cl.gemm.hbm_gbs * 1e9)  # AdamW + norm/clip: ~40 B moved per local parameter

@@ -64,7 +64,7 @@ def calibrate() -> None:
     subprocess.run([sys.executable, "-m", "exatrain", "bench", "gemm", "tiny.yaml", *MODEL, "--tp", "1,2",
                     "--micro-batch", mbs, "--dtype", "fp32", "--repeats", "5"], env=env, check=True, cwd=ROOT)
     subprocess.run([sys.executable, "-m", "exatrain", "bench", "comm", "--nproc", "2", "--ranks-per-node", "2",
-                    "--sizes", "65536,262144,1048576,4194304,16777216", "--repeats", "5"], env=env, check=True,
+                    "--sizes", "4096,16384,65536,262144,1048576,4194304,16777216", "--repeats", "9"], env=env, check=True,
                    cwd=ROOT)
 
 
@@ -119,7 +119,12 @@ def main() -> None:
               "median_abs_error": errors[len(errors) // 2], "cluster": {"gemm": cl.gemm.source, "intra": cl.intra.source,
                                            "alpha_us": cl.intra.alpha_s * 1e6, "bw_gbs": cl.intra.bw_gbs,
                                            "hbm_gbs": cl.gemm.hbm_gbs, "op_us": cl.op_s * 1e6,
-                                           "dtensor_us": cl.dtensor_op_s * 1e6, "overlap": cl.overlap}, "rows": rows}
+                                           "dtensor_us": cl.dtensor_op_s * 1e6, "overlap": cl.overlap,
+                                           "alpha_us_per_op": {op: a * 1e6 for op, a, _ in cl.intra.ops},
+                                           "tp_alpha_us": {op: a * 1e6 for op, a, _ in (cl.tp_link.ops if cl.tp_link
+                                                                                        else ())},
+                                           "tp_bw_gbs": {op: b for op, _, b in (cl.tp_link.ops if cl.tp_link
+                                                                              else ())}}, "rows": rows}
     (OUT / "planner_timing.json").write_text(json.dumps(result, indent=1))
     md = report(result)
     (OUT / "planner_timing.md").write_text(md)

@@ -117,6 +117,10 @@ def test_tp_collectives_use_the_measured_dtensor_link():
     s = Shape.of(cfg)
     size = 8 * 256 * s.h * s.e
     t = slow.tp_link
-    per_block = 2 * (t.time("all_gather", size, 2) + t.time("reduce_scatter", size, 2))
-    edge = t.time("reduce_scatter", size, 2) + t.time("all_gather", size, 2) + 3 * cl.intra.time("all_reduce", 8 * 256 * 4, 2)
-    assert estimate_step_time(cfg, lay, slow).tp_comm == pytest.approx(4 * 2 * per_block + 2 * edge)
+    ag, rs, ar = (t.time(op, size, 2) for op in ("all_gather", "reduce_scatter", "all_reduce"))
+    small = t.time("all_reduce", 8 * 256 * 4, 2)
+    norms = 9 * t.time("all_reduce", s.h * 4, 2)  # SP: 2 replicated norm weights per block + the final norm
+    assert estimate_step_time(cfg, lay, slow).tp_comm == pytest.approx(4 * 4 * (ag + rs) + 2 * (ag + rs) + 3 * small
+                                                                       + norms)
+    nosp = replace(lay, sequence_parallel=False)  # 2 all-reduces forward, 5 backward (q, k, v, w1, w3 inputs)
+    assert estimate_step_time(cfg, nosp, slow).tp_comm == pytest.approx(4 * 7 * ar + 2 * ar + 3 * small)

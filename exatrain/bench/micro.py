@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -249,7 +250,9 @@ def _time_op(op: str, nbytes: int, group, peer: int | None, device: torch.device
         run()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    sec = torch.tensor([min(times) / (2 if op == "p2p" else 1)])  # the best repeat: least disturbed by others
+    # the median repeat, not the best: a training step issues dozens of collectives and pays each one's typical
+    # cost; gloo's calls on shared CPU cores spread widely (the best of 5 was 2-3x below the median at 1-4 MiB)
+    sec = torch.tensor([statistics.median(times) / (2 if op == "p2p" else 1)])
     dist.all_reduce(sec, op=dist.ReduceOp.MAX)
     return float(sec)
 
@@ -365,7 +368,7 @@ def measure_redistribute(group, device: torch.device, sizes: tuple[int, ...], re
                 x.redistribute(mesh, [place[dst]]).to_local()
                 _sync(device)
                 times.append(time.perf_counter() - t0)
-            sec = torch.tensor([min(times)])
+            sec = torch.tensor([statistics.median(times)])  # typical call, as `_time_op`
             dist.all_reduce(sec, op=dist.ReduceOp.MAX, group=group)
             nbytes = full.numel() * full.element_size()
             samples.append((effective_bytes(op, nbytes, n), float(sec)))

@@ -134,29 +134,42 @@ def pointwise_bytes(s: Shape, lay: Layout, k: Kernels) -> float:
     return e * elems
 
 
-def _tp_comm(s: Shape, lay: Layout, cl: Cluster, tokens: int, layers: int, first: bool, last: bool) -> float:
-    """Exposed TP collective seconds for one micro-batch on a rank: per block and pass 2 all-gathers + 2
-    reduce-scatters of the b·s·h activation along the sequence dim with SP, 2 all-reduces without; the
-    embedding's reduce-scatter and the head's all-gather at the edges, and loss_parallel's 3 small all-reduces.
-    Priced with `cl.tp_link` where `bench comm` measured it (collectives issued through DTensor.redistribute,
-    as exatrain's TP plans issue them: each call pays DTensor's planning on the host and, along dim 1, the
-    copies around gloo's dim-0 collective), else the raw link."""
-    if lay.tp == 1:
-        return 0.0
+def _tp_link(lay: Layout, cl: Cluster):
     link, bw = cl.link(lay.tp, 1)
     if cl.tp_link is not None and lay.tp <= cl.devices_per_node:
-        link, bw = cl.tp_link, None
+        return cl.tp_link, None
+    return link, bw
+
+
+def _tp_comm(s: Shape, lay: Layout, cl: Cluster, tokens: int, layers: int, first: bool, last: bool) -> float:
+    """Exposed TP collective seconds for one micro-batch on a rank, the calls as exatrain's DTensor plans issue
+    them (counted with a dispatch mode on a TP2 step): with SP, per block 2 all-gathers + 2 reduce-scatters of
+    the b·s·h activation along the sequence in forward and as many in backward; without SP 2 all-reduces in
+    forward and 5 in backward (each of the q, k, v, w1, w3 projections all-reduces its own input gradient:
+    only SP gathers the shared input once, so its gradient is reduced once). A full recompute repeats the
+    forward's. The embedding and the head add one of each kind (one all-reduce without SP), loss_parallel 3
+    small all-reduces. Priced with `cl.tp_link` where `bench comm` measured it (collectives issued through
+    DTensor.redistribute: each call pays DTensor's planning on the host, the functional collective's copy
+    and, along dim 1, the copies around gloo's dim-0 collective), else the raw link."""
+    if lay.tp == 1:
+        return 0.0
+    link, bw = _tp_link(lay, cl)
     size = tokens * s.h * s.e
-    if lay.sp:
-        per_block = 2 * (link.time("all_gather", size, lay.tp, bw) + link.time("reduce_scatter", size, lay.tp, bw))
-    else:
-        per_block = 2 * link.time("all_reduce", size, lay.tp, bw)
-    passes = 3 if lay.activation_checkpointing == "full" else 2  # forward, backward (+ recomputed forward)
-    gather, scatter = ("all_gather", "reduce_scatter") if lay.sp else ("all_reduce", "all_reduce")
-    edge = (link.time(scatter, size, lay.tp, bw) if first else 0.0) + \
-           (link.time(gather, size, lay.tp, bw) + 3 * cl.link(lay.tp, 1)[0].time("all_reduce", tokens * 4, lay.tp)
-            if last else 0.0)
-    return layers * passes * per_block + 2 * edge
+    ag, rs, ar = (link.time(op, size, lay.tp, bw) for op in ("all_gather", "reduce_scatter", "all_reduce"))
+    fwd, bwd = (2 * (ag + rs), 2 * (ag + rs)) if lay.sp else (2 * ar, 5 * ar)
+    per_block = fwd * (2 if lay.activation_checkpointing == "full" else 1) + bwd
+    edge = ((ag + rs if lay.sp else ar) if first else 0.0) + \
+           ((ag + rs if lay.sp else ar) + 3 * link.time("all_reduce", tokens * 4, lay.tp, bw) if last else 0.0)
+    return layers * per_block + edge
+
+
+def _tp_step_comm(s: Shape, lay: Layout, cl: Cluster, layers: int, last: bool) -> float:
+    """TP collectives once per step: with SP the replicated norm weights' gradients (Partial over the
+    sequence shards) are all-reduced, 2 per block and the final norm's."""
+    if lay.tp == 1 or not lay.sp:
+        return 0.0
+    link, bw = _tp_link(lay, cl)
+    return (2 * layers + (1 if last else 0)) * link.time("all_reduce", s.h * 4, lay.tp, bw)
 
 
 def _micro_batch(s: Shape, lay: Layout, cl: Cluster, layers: int, first: bool, last: bool,
@@ -184,10 +197,16 @@ def _micro_batch(s: Shape, lay: Layout, cl: Cluster, layers: int, first: bool, l
 
 
 # aten ops per block forward + backward as exatrain's Llama block dispatches them (counted with a dispatch
-# mode): 240 plain; under TP 145 DTensor ops plus 150 more local ones (redistributions); full recompute adds a
-# forward (~80), selective its pointwise ops (~40); the embedding, final norm, head and loss ~60 (50 DTensor)
-BLOCK_OPS, TP_BLOCK_OPS, TP_DTENSOR_OPS, EDGE_OPS, TP_EDGE_DTENSOR_OPS = 240, 150, 145, 60, 50
+# mode, one micro-batch minus two, tiny.yaml at dim 256, 4 vs 2 layers): 240 plain; under TP with SP 145 DTensor
+# ops and 78 more local ones (redistributions), without SP 76 DTensor and 59 local; full recompute adds a
+# forward (~80), selective its pointwise ops (~40); the embedding, final norm, head and loss ~60 (50 DTensor
+# with SP, 89 without). Once per step the optimizer (per-parameter AdamW on CPU, clipping) dispatches 117 per
+# block and 81 for the edge parameters, of which under TP 78 and 29 are DTensor ops.
+BLOCK_OPS, EDGE_OPS = 240, 60
+TP_OPS = {True: (78, 145, 50), False: (59, 76, 89)}  # sequence_parallel -> (local per block, DTensor per block,
+#                                                      DTensor at the edges)
 RECOMPUTE_OPS = {"none": 0, "selective": 40, "full": 80}
+OPT_OPS, OPT_EDGE_OPS, TP_OPT_DTENSOR_OPS, TP_OPT_EDGE_DTENSOR_OPS = 117, 81, 78, 29
 
 
 def host_time(lay: Layout, cl: Cluster, layers: int, edge: bool) -> float:
@@ -196,8 +215,17 @@ def host_time(lay: Layout, cl: Cluster, layers: int, edge: bool) -> float:
     plain = layers * (BLOCK_OPS + RECOMPUTE_OPS[lay.activation_checkpointing]) + (EDGE_OPS if edge else 0)
     dtensor = 0
     if lay.tp > 1:
-        plain += layers * TP_BLOCK_OPS
-        dtensor = layers * TP_DTENSOR_OPS + (TP_EDGE_DTENSOR_OPS if edge else 0)
+        local, per_block, at_edge = TP_OPS[lay.sp]
+        plain += layers * local
+        dtensor = layers * per_block + (at_edge if edge else 0)
+    return plain * cl.op_s + dtensor * cl.dtensor_op_s
+
+
+def optimizer_host_time(lay: Layout, cl: Cluster, layers: int, edge: bool) -> float:
+    """Seconds of framework overhead once per step: the optimizer's per-parameter ops (counted as above;
+    DTensor ops under TP, whose parameters are DTensors)."""
+    plain = layers * OPT_OPS + (OPT_EDGE_OPS if edge else 0)
+    dtensor = layers * TP_OPT_DTENSOR_OPS + (TP_OPT_EDGE_DTENSOR_OPS if edge else 0) if lay.tp > 1 else 0
     return plain * cl.op_s + dtensor * cl.dtensor_op_s
 
 
@@ -331,7 +359,7 @@ def estimate_step_time(cfg: JobConfig, lay: Layout, cl: Cluster, kernels: Kernel
     mb = mbs[slow]
     layers, first, last, _ = plan[slow]
     compute = m * (mb.device + mb.host) + per_step[slow]
-    tp_comm = m * mb.tp_comm
+    tp_comm = m * mb.tp_comm + _tp_step_comm(s, lay, cl, layers, last)
     bubble = _bubble_fraction(lay, m, mb) * m * mb.total
     tokens = lay.micro_batch * s.seq
     p2p = 0.0
@@ -345,6 +373,8 @@ def estimate_step_time(cfg: JobConfig, lay: Layout, cl: Cluster, kernels: Kernel
     opt_params = p / (lay.dp_shard if lay.sharding.startswith("fsdp") else
                       lay.dp if lay.sharding in ("zero1", "zero2", "zero3") else 1)
     optimizer = 40 * opt_params / (cl.gemm.hbm_gbs * 1e9)  # AdamW + norm/clip: ~40 B moved per local parameter
+    if cl.host_serial:  # a GPU hides these launches behind the optimizer's kernels
+        optimizer += optimizer_host_time(lay, cl, layers, first or last)
     mcfg = cfg.model
     if mcfg.vocab_size <= 0:
         mcfg = replace(mcfg, vocab_size=s.vocab)

@@ -80,5 +80,11 @@ def test_comm_under_torchrun_fits_both_scopes(tmp_path):
     cl = load_cluster("local", dtype="fp32", directory=tmp_path)
     assert cl.overlap == fits["overlap"]["fraction"] and cl.intra.alpha_s == fits["intra"]["alpha_s"]
     assert cl.shared_hbm_gbs == fits["shared_hbm_gbs"]["gbs"] > 0
+    tp = fits["tp"]["ops"]  # collectives through DTensor.redistribute, as TP issues them: priced by cl.tp_link
+    assert {r["op"] for r in fits["tp"]["rows"]} == {"all_gather", "reduce_scatter", "all_reduce"}
+    assert cl.tp_link is not None and "comm.tp" in cl.measured
+    for op, f in tp.items():
+        assert cl.tp_link.time(op, 2**20, 2, calls=3) == pytest.approx(
+            3 * f["alpha_s"] + (2.0 if op == "all_reduce" else 1.0) * 0.5 * 2**20 / (f["bw_gbs"] * 1e9))
     ar = fits["intra"]["ops"]["all_reduce"]  # per-operation fits drive the collective cost
     assert cl.intra.time("all_reduce", 2**20, 2) == pytest.approx(ar["alpha_s"] + 2**20 / (ar["bw_gbs"] * 1e9))

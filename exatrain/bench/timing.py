@@ -288,7 +288,9 @@ def _fsdp2(s: Shape, lay: Layout, cl: Cluster, p: float, m: int, mb_compute: flo
     traffic on the rank's own device: before each all-gather the local shards are copied into one flat
     input (`_foreach_copy_`, read + write e·P/dp_shard), after it the flat output is copied out into the
     unsharded parameters (`split_with_sizes_copy`, read + write e·P), before each reduce-scatter the
-    gradients are packed into one flat input (`chunk_cat`, read + write 4·P). Copies run on the compute
+    gradients are packed into one flat input (`chunk_cat`, read + write 4·P). Replicated (dp_shard = 1), FSDP2
+    skips the all-gather but still copies the parameters into their unsharded tensors and packs the gradients
+    (counted: 5 `chunk_cat` per step on HSDP 2x1). Copies run on the compute
     stream and are never hidden. Collectives hide behind compute as `_hidden` says."""
     e = s.pb
     inner = lay.tp
@@ -299,7 +301,8 @@ def _fsdp2(s: Shape, lay: Layout, cl: Cluster, p: float, m: int, mb_compute: flo
     rs = shard_link.time("reduce_scatter", 4 * p, lay.dp_shard, shard_bw, units)
     ar = rep_link.time("all_reduce", 4 * p / lay.dp_shard, lay.dp_replicate, rep_bw, units)
     hbm = cl.gemm.hbm_gbs * 1e9
-    copies = (2 * e * gathered * (1 + 1 / lay.dp_shard) + 2 * 4 * p) / hbm if lay.dp_shard > 1 else 0.0
+    copy_in = 2 * e * gathered / lay.dp_shard if lay.dp_shard > 1 else 0.0  # no all-gather input over one rank
+    copies = (copy_in + 2 * e * gathered + 2 * 4 * p) / hbm
     if lay.pp > 1:  # pipelining defers the reduction to after the last micro-batch: exposed
         return ag * unit / p + rs + ar + copies
     per_mb = ag + rs + ar

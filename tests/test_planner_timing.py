@@ -100,8 +100,12 @@ def test_fsdp2_units_and_cost():
     copies = (2 * 4 * 1.8e6 * 1.5 + 8 * p) / 10e9
     compute = 1.0  # more than the collectives: a CPU rank still hides only `overlap` of them
     assert _fsdp2(s, lay3, cl, p, m, compute, unit, 4) == pytest.approx(m * (0.75 * comm + copies))
-    gpu = replace(cl, host_serial=False)  # a GPU hides them behind compute, down to one unit exposed
-    assert _fsdp2(s, lay3, gpu, p, m, compute, unit, 4) == pytest.approx(m * (comm * unit / p + copies))
+    # a GPU hides the collectives, and the copy-in and packing on FSDP2's side streams, behind compute down to
+    # one unit exposed; the copy-out runs on the compute stream
+    gpu = replace(cl, host_serial=False)
+    side = (2 * 4 * 1.8e6 * 0.5 + 8 * p) / 10e9
+    copy_out = 2 * 4 * 1.8e6 / 10e9
+    assert _fsdp2(s, lay3, gpu, p, m, compute, unit, 4) == pytest.approx(m * ((comm + side) * unit / p + copy_out))
 
 
 def test_tp_collectives_use_the_measured_dtensor_link():

@@ -290,8 +290,10 @@ def _fsdp2(s: Shape, lay: Layout, cl: Cluster, p: float, m: int, mb_compute: flo
     unsharded parameters (`split_with_sizes_copy`, read + write e·P), before each reduce-scatter the
     gradients are packed into one flat input (`chunk_cat`, read + write 4·P). Replicated (dp_shard = 1), FSDP2
     skips the all-gather but still copies the parameters into their unsharded tensors and packs the gradients
-    (counted: 5 `chunk_cat` per step on HSDP 2x1). Copies run on the compute
-    stream and are never hidden. Collectives hide behind compute as `_hidden` says."""
+    (counted: 5 `chunk_cat` per step on HSDP 2x1). The copy-out runs on the compute stream and is never
+    hidden; on a GPU the copy-in and the packing run on FSDP2's all-gather and reduce-scatter streams and hide
+    with the collectives, on a CPU rank everything shares the one core. Collectives hide behind compute as
+    `_hidden` says."""
     e = s.pb
     inner = lay.tp
     shard_link, shard_bw = cl.link(lay.dp_shard, inner)
@@ -302,11 +304,14 @@ def _fsdp2(s: Shape, lay: Layout, cl: Cluster, p: float, m: int, mb_compute: flo
     ar = rep_link.time("all_reduce", 4 * p / lay.dp_shard, lay.dp_replicate, rep_bw, units)
     hbm = cl.gemm.hbm_gbs * 1e9
     copy_in = 2 * e * gathered / lay.dp_shard if lay.dp_shard > 1 else 0.0  # no all-gather input over one rank
-    copies = (copy_in + 2 * e * gathered + 2 * 4 * p) / hbm
+    copy_out, pack = 2 * e * gathered / hbm, 2 * 4 * p / hbm
+    side = (copy_in / hbm + pack)  # on GPUs FSDP2 runs these on its all-gather / reduce-scatter streams
+    exposed = copy_out + (side if cl.host_serial else 0.0)
+    side = 0.0 if cl.host_serial else side
     if lay.pp > 1:  # pipelining defers the reduction to after the last micro-batch: exposed
-        return ag * unit / p + rs + ar + copies
-    per_mb = ag + rs + ar
-    return m * (_hidden(cl, per_mb, mb_compute, per_mb * unit / p) + copies)
+        return ag * unit / p + rs + ar + exposed + side
+    per_mb = ag + rs + ar + side
+    return m * (_hidden(cl, per_mb, mb_compute, per_mb * unit / p) + exposed)
 
 
 def _hidden(cl: Cluster, comm: float, compute: float, floor: float) -> float:

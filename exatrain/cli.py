@@ -70,12 +70,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    from exatrain.bench.cli import cmd_plan as run
-
-    return run(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exatrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,7 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="rank parallel layouts for N devices by predicted tokens/s (memory-checked)")
     add_plan_arguments(p)
-    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("bench", help="micro-benchmarks (gemm, comm) and scaling sweeps")
     add_bench_arguments(p)
     return parser

@@ -67,6 +67,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emit-overrides", action="store_true",
                    help="print each proposal as `exatrain train` overrides")
     p.add_argument("--out", default="runs/plan", help="run directories of --measure")
+    p.set_defaults(func=cmd_plan)
 
 
 def spearman(a: list[float], b: list[float]) -> float:

@@ -10,7 +10,8 @@ their `parallel.engine` name (exatrain.registry.ENGINES).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -81,9 +82,34 @@ def local(x: torch.Tensor) -> torch.Tensor:
     return x.to_local() if isinstance(x, DTensor) else x
 
 
+T = TypeVar("T")
+
+
+def last_forward_calls(calls: list[T], rows_of: Callable[[T], int], rows: int, what: str) -> list[T]:
+    """The last of a hooked module's `calls` in one `Engine.eval_loss`, covering its `rows` rows once.
+
+    A pipeline schedule switching from training to evaluation first re-runs each stage's forward for shape
+    inference (torch.distributed.pipelining, on placeholder inputs): those calls come first and are dropped."""
+    kept, seen = [], 0
+    for call in reversed(calls):
+        if seen >= rows:
+            break
+        kept.append(call)
+        seen += rows_of(call)
+    if seen != rows:
+        raise RuntimeError(f"{what}: the evaluation forward recorded {seen} rows, expected {rows}")
+    return kept[::-1]
+
+
+def all_reduce_sums(values: list[float]) -> list[float]:
+    """Element-wise sums over every rank in float64, one collective (the values themselves without a process
+    group)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 def all_reduce_sum(value: torch.Tensor) -> float:
     """Sum of a scalar over every rank (the value itself without a process group)."""
-    value = value.double().cpu()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value)
-    return value.item()
+    return all_reduce_sums([float(value)])[0]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-IGNORE_INDEX = -100
+from exatrain.data.batch import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,10 @@ class LogitSharpness:
     phi: float        # φ_ε, in percent
     loss: float       # f(x): mean last-token cross-entropy
     max_loss: float   # f(x + y*)
+
+    @classmethod
+    def of(cls, loss: float, max_loss: float) -> LogitSharpness:
+        return cls(phi=100.0 * (max_loss - loss) / (1.0 + loss), loss=loss, max_loss=max_loss)
 
 
 @dataclass(frozen=True)
@@ -46,12 +50,16 @@ def last_token_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     position; rows without any label are dropped."""
     if isinstance(logits, DTensor):
         logits = logits.full_tensor()
-    valid = labels != IGNORE_INDEX
-    rows = valid.any(dim=1)
+    last = last_positions(labels)
+    rows = last >= 0
+    z = logits[rows, last[rows]].float()
+    return z, labels[rows, last[rows]]
+
+
+def last_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Each row's last labelled position, -1 for a row without labels."""
     positions = torch.arange(labels.shape[1], device=labels.device)
-    last = torch.where(valid, positions, -1).amax(dim=1)[rows]
-    z = logits[rows, last].float()
-    return z, labels[rows, last]
+    return torch.where(labels != IGNORE_INDEX, positions, -1).amax(dim=1)
 
 
 def max_cross_entropy_in_box(z: torch.Tensor, targets: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -68,9 +76,7 @@ def logit_sharpness(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor
     """φ_ε of `model` on a fixed batch (tokens and labels (B, T); labels -100 = ignored)."""
     z, t = last_token_logits(model(tokens, **model_kwargs), labels)
     z = z.double()  # φ is a small difference of two losses: computed in float64
-    loss = F.cross_entropy(z, t).item()
-    worst = max_cross_entropy_in_box(z, t, epsilon).mean().item()
-    return LogitSharpness(phi=100.0 * (worst - loss) / (1.0 + loss), loss=loss, max_loss=worst)
+    return LogitSharpness.of(F.cross_entropy(z, t).item(), max_cross_entropy_in_box(z, t, epsilon).mean().item())
 
 
 def filter_normalized_direction(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

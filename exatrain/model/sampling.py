@@ -36,17 +36,13 @@ def middle_layer(n_layers: int) -> int:
 
 
 @contextmanager
-def capture(module: nn.Module, inputs: bool = False, prepend: bool = False) -> Iterator[dict[str, Tensor]]:
-    """Record `module`'s output (or first positional input) of each call in the yielded dict under "h".
-
-    `prepend`: run before the module's other hooks, e.g. see a block's output before a SeND mask
-    hook (exatrain.train.send) zeroes units of it.
-    """
+def capture(module: nn.Module, inputs: bool = False) -> Iterator[dict[str, Tensor]]:
+    """Record `module`'s output (or first positional input) of each call in the yielded dict under "h"."""
     box: dict[str, Tensor] = {}
     if inputs:
-        handle = module.register_forward_pre_hook(lambda m, args: box.__setitem__("h", args[0]), prepend=prepend)
+        handle = module.register_forward_pre_hook(lambda m, args: box.__setitem__("h", args[0]))
     else:
-        handle = module.register_forward_hook(lambda m, args, out: box.__setitem__("h", out), prepend=prepend)
+        handle = module.register_forward_hook(lambda m, args, out: box.__setitem__("h", out))
     try:
         yield box
     finally:

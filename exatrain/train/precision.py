@@ -56,8 +56,9 @@ from torch import nn
 from exatrain.config import ConfigError, JobConfig, PrecisionConfig, require
 from exatrain.model.convert import register_converter
 from exatrain.registry import config_resolver, config_validator
+from exatrain.train.divergence import DivergenceDetector
 from exatrain.train.exmy import OVERFLOWS, ROUNDINGS, ExMy
-from exatrain.train.simulated import DEFAULT_EXCLUDE, GemmFormats, SimulatedLinear, matches, swap_linears
+from exatrain.train.simulated import DEFAULT_EXCLUDE, GemmFormats, matches, simulated_maker, swap_linears
 
 log = logging.getLogger("exatrain")
 
@@ -88,6 +89,17 @@ def fp8_filter(exclude: Sequence[str] = DEFAULT_EXCLUDE, multiple_of: int = 16) 
     return keep
 
 
+def check_fp8_options(recipe: str, fsdp_float8_all_gather: bool, power_of_two_scales: bool | None,
+                      key: str = "precision.fp8") -> None:
+    """The FP8 option combinations torchao 0.18 supports (no torchao import: the config validator calls it too)."""
+    require(recipe in FP8_RECIPES, f"{key}.recipe", f"got {recipe!r}, expected one of {', '.join(FP8_RECIPES)}")
+    require(not fsdp_float8_all_gather or recipe == "tensorwise", f"{key}.fsdp_float8_all_gather",
+            f"only the tensorwise recipe can all-gather in float8 (got recipe {recipe!r})")
+    require(not (fsdp_float8_all_gather and power_of_two_scales), f"{key}.power_of_two_scales",
+            "torchao 0.18's FSDP float8 all-gather computes weight scales without power-of-two rounding; "
+            "turn off one of power_of_two_scales and fsdp_float8_all_gather")
+
+
 def fp8_config(recipe: str, fsdp_float8_all_gather: bool = False, power_of_two_scales: bool | None = None,
                key: str = "precision.fp8"):
     """The torchao Float8LinearConfig of a recipe; errors name the config key.
@@ -97,14 +109,7 @@ def fp8_config(recipe: str, fsdp_float8_all_gather: bool = False, power_of_two_s
     (e.g. another reduction order under FSDP or TP) moves every scale and flips fp8 roundings, so runs on
     different layouts drift apart after a few steps; power-of-two scales keep them equal.
     """
-    if recipe not in FP8_RECIPES:
-        raise ConfigError(f"{key}.recipe: got {recipe!r}, expected one of {', '.join(FP8_RECIPES)}")
-    if fsdp_float8_all_gather and recipe != "tensorwise":
-        raise ConfigError(f"{key}.fsdp_float8_all_gather: only the tensorwise recipe can all-gather in float8 "
-                          f"(got recipe {recipe!r})")
-    if fsdp_float8_all_gather and power_of_two_scales:
-        raise ConfigError(f"{key}.power_of_two_scales: torchao 0.18's FSDP float8 all-gather computes weight scales "
-                          f"without the power-of-two rounding; turn one of them off")
+    check_fp8_options(recipe, fsdp_float8_all_gather, power_of_two_scales, key)
     config = _torchao("float8").Float8LinearConfig.from_recipe_name(recipe)
     pow2 = config.round_scales_to_power_of_2 if power_of_two_scales is None else power_of_two_scales
     return dataclasses.replace(config, enable_fsdp_float8_all_gather=fsdp_float8_all_gather,
@@ -214,14 +219,7 @@ def simulated_rules(pc: PrecisionConfig) -> list[tuple[str, GemmFormats]]:
 def convert_simulated(model: nn.Module, cfg: JobConfig) -> None:
     """Swap the block Linears for SimulatedLinear with the formats of their first matching rule."""
     rules = simulated_rules(cfg.precision)
-
-    def make(fqn: str, linear: nn.Linear) -> nn.Module | None:
-        formats = next(f for pattern, f in rules if matches(fqn, [pattern]))
-        if all(getattr(formats, r) is None for r in ROLES):
-            return None
-        return SimulatedLinear.from_linear(linear, formats)
-
-    swapped = swap_linears(model, make, cfg.precision.exclude)
+    swapped = swap_linears(model, simulated_maker(rules), cfg.precision.exclude)
     log.info("precision: %d Linears simulate %s", len(swapped),
              "; ".join(f"{pat}: {f.describe()}" for pat, f in rules))
 
@@ -283,12 +281,7 @@ def validate_precision(cfg: JobConfig) -> None:
                 f"{pc.gemm} runs on parallel.engine=native (torchao's FSDP2/DTensor integration); "
                 "DeepSpeed is not supported with it, use precision.gemm=simulated or the native engine")
     f = pc.fp8
-    require(f.recipe in FP8_RECIPES, "precision.fp8.recipe", f"got {f.recipe!r}, expected one of {', '.join(FP8_RECIPES)}")
-    require(not f.fsdp_float8_all_gather or f.recipe == "tensorwise", "precision.fp8.fsdp_float8_all_gather",
-            f"only the tensorwise recipe can all-gather in float8 (got recipe {f.recipe!r})")
-    require(not (f.fsdp_float8_all_gather and f.power_of_two_scales), "precision.fp8.power_of_two_scales",
-            "torchao 0.18's FSDP float8 all-gather computes weight scales without power-of-two rounding; "
-            "turn off one of power_of_two_scales and fsdp_float8_all_gather")
+    check_fp8_options(f.recipe, f.fsdp_float8_all_gather, f.power_of_two_scales)
     require(not f.float8_tp_styles or f.recipe == "tensorwise", "precision.fp8.float8_tp_styles",
             f"torchao has float8 TP styles for the tensorwise recipe only (got {f.recipe!r}); the rowwise recipes "
             "run under the plain TP styles")
@@ -310,10 +303,7 @@ def validate_precision(cfg: JobConfig) -> None:
     require(sh.weight_directions >= 0, "precision.sharpness.weight_directions", "must be >= 0 (0 = off)")
     require(sh.weight_radius > 0, "precision.sharpness.weight_radius", "must be positive")
     d = pc.divergence
-    require(math.isfinite(d.threshold) and d.threshold > 1.0, "precision.divergence.threshold",
-            f"must be a finite number > 1 (a multiple of the running median), got {d.threshold}")
-    require(d.median_window >= 1, "precision.divergence.median_window", "must be >= 1")
-    require(d.warmup >= 0, "precision.divergence.warmup", "must be >= 0")
+    DivergenceDetector(d.threshold, d.median_window, d.warmup)  # raises ConfigError naming the key
     require(d.action in ("record", "stop"), "precision.divergence.action", f"got {d.action!r}, expected record or stop")
     enabled = {"sharpness": sh.every > 0, "divergence": d.enabled}
     for name, what in CALLBACK_SECTIONS.items():

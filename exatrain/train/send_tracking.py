@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from exatrain.config import ConfigError, JobConfig, require
 from exatrain.data.batch import IGNORE_INDEX, Batch
 from exatrain.data.prompts import encode_prompts, read_prompts
+from exatrain.engine.base import last_forward_calls
 from exatrain.registry import CALLBACKS, config_resolver, config_validator
 from exatrain.train.callback import Callback
 from exatrain.train.send import (
@@ -161,7 +162,9 @@ class SendTracking(Callback):
                 m.recording = None
         snap = torch.zeros(len(self.texts), self.units, dtype=torch.float64)
         if self.masks:
-            h = torch.cat([self._full(t) for t in self._tracked_calls(recorded)])
+            need = sum(b.tokens.shape[0] for b in self.batches)
+            calls = last_forward_calls(recorded, len, need, f"send (block {self.layer})")
+            h = torch.cat([self._full(t) for t in calls])
             snap = h[torch.arange(len(self.texts)), self.last.to(h.device)].double().cpu()
             for group in self.dp_groups:
                 dist.all_reduce(snap, group=group)
@@ -169,24 +172,6 @@ class SendTracking(Callback):
         if self.pp_group is not None:
             dist.broadcast(snap, group=self.pp_group, group_src=self.owner)
         return snap.float()
-
-    def _tracked_calls(self, recorded: list[Tensor]) -> list[Tensor]:
-        """The recordings of the tracking rows: the last ones, covering every row once.
-
-        A pipeline schedule switching from training to evaluation first re-runs each stage's forward for
-        shape inference (torch.distributed.pipelining, on empty tensors): those calls come first and are
-        dropped here.
-        """
-        need = sum(b.tokens.shape[0] for b in self.batches)
-        kept, rows = [], 0
-        for t in reversed(recorded):
-            if rows >= need:
-                break
-            kept.append(t)
-            rows += t.shape[0]
-        if rows != need:
-            raise RuntimeError(f"send: the tracking forward recorded {rows} rows at block {self.layer}, expected {need}")
-        return kept[::-1]
 
     def _full(self, t: Tensor) -> Tensor:
         """One recorded (rows, T, units) tensor with its tensor-parallel pieces gathered."""

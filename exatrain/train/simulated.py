@@ -40,6 +40,11 @@ class GemmFormats:
     weight: ExMy | None = None
     grad_output: ExMy | None = None
 
+    @property
+    def exact(self) -> bool:
+        """Every operand stays fp32: nothing to simulate."""
+        return self.input is None and self.weight is None and self.grad_output is None
+
     def describe(self) -> str:
         def one(f: ExMy | None) -> str:
             return "fp32" if f is None else f"{f.name}/{f.rounding}"
@@ -155,12 +160,13 @@ def swap_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module | 
 def simulated_maker(rules: Sequence[tuple[str, GemmFormats]],
                     generator: torch.Generator | None = None) -> Callable[[str, nn.Linear], nn.Module | None]:
     """A `make` for swap_linears: the first (pattern, formats) rule matching the FQN decides, e.g.
-    [("layers.*.attention.*", attn), ("layers.*.feed_forward.*", ffn)]; no match keeps the Linear."""
+    [("layers.*.attention.*", attn), ("layers.*.feed_forward.*", ffn)]; no match, or a rule leaving every
+    operand exact, keeps the Linear."""
 
     def make(fqn: str, linear: nn.Linear) -> nn.Module | None:
-        for pattern, formats in rules:
-            if matches(fqn, [pattern]):
-                return SimulatedLinear.from_linear(linear, formats, generator)
-        return None
+        formats = next((f for pattern, f in rules if matches(fqn, [pattern])), None)
+        if formats is None or formats.exact:
+            return None
+        return SimulatedLinear.from_linear(linear, formats, generator)
 
     return make

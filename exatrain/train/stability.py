@@ -29,8 +29,15 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Shard
 
 from exatrain.config import ConfigError, DivergenceConfig, JobConfig, SharpnessConfig
-from exatrain.data.batch import IGNORE_INDEX, Batch, split_micro
-from exatrain.eval.sharpness import LogitSharpness, WeightSharpness, max_cross_entropy_in_box, perturbation_sharpness
+from exatrain.data.batch import Batch, split_micro
+from exatrain.engine.base import all_reduce_sums, last_forward_calls
+from exatrain.eval.sharpness import (
+    LogitSharpness,
+    WeightSharpness,
+    last_positions,
+    max_cross_entropy_in_box,
+    perturbation_sharpness,
+)
 from exatrain.registry import CALLBACKS
 from exatrain.train.callback import Callback
 from exatrain.train.divergence import DivergenceDetector
@@ -43,19 +50,6 @@ DIVERGENCE_FILE = "divergence.json"
 # ---------------------------------------------------------------- sharpness through an engine
 
 
-def _last_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Each row's last labelled position, -1 for a row without labels."""
-    positions = torch.arange(labels.shape[1])
-    return torch.where(labels != IGNORE_INDEX, positions, -1).amax(dim=1)
-
-
-def _world_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 @torch.no_grad()
 def engine_logit_sharpness(engine: Any, micro_batches: list[Batch], epsilon: float) -> LogitSharpness:
     """φ_ε of the engine's model on `micro_batches` (this rank's rows of a fixed global batch). Collective: every
@@ -64,9 +58,10 @@ def engine_logit_sharpness(engine: Any, micro_batches: list[Batch], epsilon: flo
     The output-head hook keeps, per call, the logits at the few distinct last-token positions of the batch, not
     the whole (rows, T, V) output. A pipeline schedule may run one extra forward first (torch's stage metadata
     inference, on placeholder inputs), so the rows are matched to the *last* calls afterwards."""
-    lasts = torch.cat([_last_positions(b.labels) for b in micro_batches])
-    targets = torch.cat([b.labels[torch.arange(len(b.labels)), _last_positions(b.labels).clamp(min=0)]
-                         for b in micro_batches])
+    per_batch = [last_positions(b.labels) for b in micro_batches]
+    lasts = torch.cat(per_batch)
+    targets = torch.cat([b.labels[torch.arange(len(b.labels)), last.clamp(min=0)]
+                         for b, last in zip(micro_batches, per_batch)])
     positions = sorted(set(lasts[lasts >= 0].tolist())) or [0]
     column = {pos: i for i, pos in enumerate(positions)}
     captured: list[tuple[torch.Tensor, Any]] = []
@@ -87,10 +82,7 @@ def engine_logit_sharpness(engine: Any, micro_batches: list[Batch], epsilon: flo
             h.remove()
     ce_sum = worst_sum = rows = 0.0
     if captured:
-        while sum(len(c) for c, _ in captured) > len(lasts):  # drop leading metadata-inference forwards
-            captured.pop(0)
-        if sum(len(c) for c, _ in captured) != len(lasts):
-            raise RuntimeError(f"sharpness: the output head's calls do not add up to the {len(lasts)} rows fed")
+        captured = last_forward_calls(captured, lambda call: len(call[0]), len(lasts), "sharpness")
         keep = lasts >= 0
         picked = torch.cat([c for c, _ in captured])
         z = picked[torch.arange(len(lasts))[keep], torch.tensor([column.get(int(p), 0) for p in lasts])[keep]]
@@ -104,9 +96,8 @@ def engine_logit_sharpness(engine: Any, micro_batches: list[Batch], epsilon: flo
             ce_sum = float(F.cross_entropy(z, t, reduction="sum"))
             worst_sum = float(max_cross_entropy_in_box(z, t, epsilon).sum())
             rows = float(len(t))
-    ce_sum, worst_sum, rows = _world_sum([ce_sum, worst_sum, rows])
-    loss, worst = ce_sum / max(rows, 1.0), worst_sum / max(rows, 1.0)
-    return LogitSharpness(phi=100.0 * (worst - loss) / (1.0 + loss), loss=loss, max_loss=worst)
+    ce_sum, worst_sum, rows = all_reduce_sums([ce_sum, worst_sum, rows])
+    return LogitSharpness.of(ce_sum / max(rows, 1.0), worst_sum / max(rows, 1.0))
 
 
 @torch.no_grad()

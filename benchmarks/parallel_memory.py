@@ -136,13 +136,11 @@ def _live_peak(engine, micro, batch, cfg) -> int:
     """Peak live tensor bytes of one more step (native engine; 0 for DeepSpeed, whose flat buffers live outside)."""
     from parallel_common import n_labels
 
-    from exatrain.bench.measure import LiveBytes, _optimizer_tensors
+    from exatrain.bench.measure import LiveBytes, live_tensors
 
     if not hasattr(engine, "optimizers"):
         return 0
-    tensors = [t for part in engine.model_parts for t in (*part.parameters(), *part.buffers())]
-    tensors += [p.grad for p in tensors if p.grad is not None] + _optimizer_tensors(engine)
-    tracker = LiveBytes(tensors)
+    tracker = LiveBytes(live_tensors(engine))
     with tracker:
         engine.train_step(micro, n_labels(batch), cfg.optim.lr)
     return tracker.peak

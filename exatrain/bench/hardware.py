@@ -33,9 +33,9 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import yaml
 
-from exatrain.launch.slurm import PROFILE_DIR
+from exatrain.config import ConfigError
+from exatrain.launch.slurm import PROFILE_DIR, load_profile
 
 LINK_EFF = 0.8  # assumed achievable fraction of a link's peak for ring collectives
 OVERLAP = 0.7  # assumed: collectives hide behind at most this fraction of the compute they overlap
@@ -174,12 +174,12 @@ def cache_path(cluster: str, directory: Path | None = None) -> Path:
 
 
 def devices_per_node(cluster: str) -> int:
-    """gpus_per_node (else tasks_per_node) of configs/clusters/<cluster>.yaml."""
-    path = PROFILE_DIR / f"{cluster}.yaml"
-    if not path.exists():
-        raise ValueError(f"no cluster profile {path}; known: {sorted(p.stem for p in PROFILE_DIR.glob('*.yaml'))}")
-    prof = yaml.safe_load(path.read_text()) or {}
-    return int(prof.get("gpus_per_node") or prof.get("tasks_per_node") or 1)
+    """gpus_per_node (else tasks_per_node) of the cluster's launch profile (exatrain.launch.slurm)."""
+    try:
+        profile = load_profile(cluster)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return profile.gpus_per_node or profile.tasks_per_node or 1
 
 
 def default_cluster(name: str, dtype: str = "bf16") -> Cluster:

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from exatrain.config import ConfigError, JobConfig
 from exatrain.parallel.dims import ParallelDims
 
-ENGINES = ("native", "deepspeed")
 AC_MODES = ("none", "selective", "full")
-SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
 
 
 @dataclass(frozen=True)

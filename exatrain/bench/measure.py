@@ -155,6 +155,16 @@ def _optimizer_tensors(engine) -> list[torch.Tensor]:
     return states + [m for opt in engine.optimizers for m in getattr(opt, "masters", {}).values()]
 
 
+def live_tensors(engine) -> list[torch.Tensor]:
+    """What an engine holds between steps (parameters, buffers, gradients, optimizer state): the tensors a
+    LiveBytes tracker starts from. DeepSpeed keeps its own state, counted from the first op that touches it."""
+    tensors = [t for part in engine.model_parts for t in (*part.parameters(), *part.buffers())]
+    tensors += [p.grad for p in tensors if p.grad is not None]
+    if hasattr(engine, "optimizers"):
+        tensors += _optimizer_tensors(engine)
+    return tensors
+
+
 def _measure(cfg: JobConfig, layout: Layout, engine, steps: int) -> Measured:
     """The engine's own step, phase by phase: forward/backward per micro-batch, then its optimizer
     strategy's reduce (ZeRO-1's reduce-scatter), step and zero."""
@@ -261,10 +271,7 @@ class LiveBytes(TorchDispatchMode):
 def measure_schedule_peak(engine, micro_batches, n_labels: int) -> tuple[Measured, int]:
     """Peak live bytes of one real `engine.train_step` (any layout, pipeline schedules included) on this
     rank, with the state sizes after it; returns (measurement, peak)."""
-    tensors = [t for part in engine.model_parts for t in (*part.parameters(), *part.buffers())]
-    tensors += [p.grad for p in tensors if p.grad is not None]
-    tensors += _optimizer_tensors(engine)
-    tracker = LiveBytes(tensors)
+    tracker = LiveBytes(live_tensors(engine))
     with tracker:
         engine.train_step(micro_batches, n_labels, engine.cfg.optim.lr)
     params = [p for part in engine.model_parts for p in part.parameters()]

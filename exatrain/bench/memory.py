@@ -451,6 +451,3 @@ def korthikanti_activation_bytes(s: int, b: int, h: int, a: int, layers: int, t:
         per = sbh * (10 + 24 / t + 5 * a * s / (h * t))
     return per * layers
 
-
-def gib(x: float) -> float:
-    return x / GIB

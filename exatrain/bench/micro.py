@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from exatrain.bench.hardware import COLLECTIVE_FACTOR, cache_path
 from exatrain.bench.peak import peak_tflops
+from exatrain.bench.timing import block_linears
 from exatrain.config import JobConfig
 from exatrain.model.llama import ffn_hidden_dim
 
@@ -58,8 +59,7 @@ def model_gemm_shapes(cfg: JobConfig, tps: tuple[int, ...] = (1, 2, 4, 8),
             continue
         for mb in micro_batches:
             t = mb * cfg.data.seq_len
-            shapes.update({(t, h // tp, h), (t, kv // tp, h), (t, h, h // tp), (t, f // tp, h), (t, h, f // tp),
-                           (t, vocab // tp, h)})
+            shapes.update((t, n, k) for n, k in [*block_linears(h, kv, f, tp), (vocab // tp, h)])
     s, hd = cfg.data.seq_len, h // m.n_heads
     shapes.update({(s, s, hd), (s, hd, s)})  # attention per head: QKᵀ and PV
     return sorted(shapes)

@@ -17,7 +17,7 @@ from exatrain.bench.hardware import Cluster
 from exatrain.bench.layout import AC_MODES, Layout, check
 from exatrain.bench.memory import GIB, Kernels, MemoryEstimate, estimate_memory
 from exatrain.bench.micro import format_table
-from exatrain.bench.timing import StepTime, estimate_step_time
+from exatrain.bench.timing import StepTime, default_kernels, estimate_step_time
 from exatrain.config import JobConfig
 
 PP_SCHEDULES = (("GPipe", 1), ("1F1B", 1), ("Interleaved1F1B", 2), ("InterleavedZeroBubble", 2), ("ZBVZeroBubble", 2))
@@ -101,11 +101,6 @@ def enumerate_layouts(cfg: JobConfig, devices: int, *, max_micro_batch: int = 8,
                         continue
                     out.append(Layout(tp, pp, shard, rep, v, sched, engine, zero, mb, ac, sp))
     return out
-
-
-def default_kernels(cl: Cluster) -> Kernels:
-    """The local cluster runs on CPU; every other profile on GPUs."""
-    return Kernels.for_device("cpu" if cl.name == "local" else "gpu")
 
 
 def evaluate(cfg: JobConfig, lay: Layout, cl: Cluster, kernels: Kernels | None = None) -> Candidate:

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from exatrain.config import ConfigError, JobConfig
 from exatrain.registry import CALLBACKS
 from exatrain.train.callback import Callback
-from exatrain.train.metrics import peak_memory_bytes
+from exatrain.train.metrics import peak_memory_bytes, throughput
 
 log = logging.getLogger("exatrain")
 
@@ -187,18 +187,6 @@ def _sync(device: torch.device) -> None:
         dist.barrier()
 
 
-def _live_tensors(engine) -> list[torch.Tensor]:
-    from exatrain.bench.measure import _optimizer_tensors
-
-    tensors = [t for part in engine.model_parts for t in (*part.parameters(), *part.buffers())]
-    tensors += [p.grad for p in tensors if p.grad is not None]
-    try:
-        tensors += _optimizer_tensors(engine)
-    except AttributeError:  # DeepSpeed keeps its own state: counted from the first op that touches it
-        pass
-    return tensors
-
-
 class BenchProbe(Callback):
     """See the module docstring."""
 
@@ -247,9 +235,9 @@ class BenchProbe(Callback):
             self._mark = torch.profiler.record_function(STEP_MARK)
             self._mark.__enter__()
         if phase == "memory" and trainer.device.type == "cpu":
-            from exatrain.bench.measure import LiveBytes
+            from exatrain.bench.measure import LiveBytes, live_tensors
 
-            self._live = LiveBytes(_live_tensors(trainer.engine))
+            self._live = LiveBytes(live_tensors(trainer.engine))
             self._live.__enter__()
         self._d0 = run_delay()
         self._t0 = time.perf_counter()
@@ -318,8 +306,8 @@ def summarize(trainer, ranks: list[dict]) -> dict[str, Any]:
     dedicated = [t - max(r["delays"][i] for r in ranks) for i, t in enumerate(times)]
     tokens = trainer.tokens_per_step
     world = dims.world_size
-    tflops = tokens / step * trainer.flops_per_token / world / 1e12
     peak = trainer.peak
+    rates = throughput(tokens, step, trainer.flops_per_token, peak, world)
     mean_shares = {}
     measured = [r["shares"] for r in ranks if r["shares"]]
     if measured:
@@ -338,9 +326,10 @@ def summarize(trainer, ranks: list[dict]) -> dict[str, Any]:
         "step_min": min(times), "step_max": max(times),
         "step_times_uncontended": dedicated, "step_s_uncontended": statistics.median(dedicated),
         "run_delay_s": [statistics.median(r["delays"]) for r in ranks],
-        "tokens_per_s": tokens / step, "tokens_per_s_per_device": tokens / step / world,
-        "flops_per_token": trainer.flops_per_token, "tflops_per_device": tflops,
-        "peak_tflops": peak.tflops, "peak_source": peak.source, "mfu": tflops / peak.tflops if peak.tflops else None,
+        "tokens_per_s": tokens / step, "tokens_per_s_per_device": rates["tokens_per_s"],
+        "flops_per_token": trainer.flops_per_token, "tflops_per_device": rates["tflops"],
+        "peak_tflops": peak.tflops, "peak_source": peak.source,
+        "mfu": None if math.isnan(rates["mfu"]) else rates["mfu"],
         "mfu_formula": MFU_FORMULA,
         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in ranks),
         "peak_mem_kind": "CUDA allocator peak" if trainer.device.type == "cuda" else "process peak RSS",

@@ -104,12 +104,17 @@ def _linear(cl: Cluster, tokens: int, n: int, k: int, e: int) -> tuple[float, fl
     return g.time(tokens, n, k, e), g.time(tokens, k, n, e), g.time(k, n, tokens, e)
 
 
+def block_linears(h: int, kv: int, ffn: int, tp: int) -> list[tuple[int, int]]:
+    """(n, k) of the seven projections of one Llama block on one TP rank, each a (tokens x k) @ (k x n) GEMM:
+    wq, wk, wv, wo, w1, w3, w2 (what `exatrain bench gemm` measures and the time model looks up)."""
+    return [(h // tp, h), (kv // tp, h), (kv // tp, h), (h, h // tp), (ffn // tp, h), (ffn // tp, h), (h, ffn // tp)]
+
+
 def _block(s: Shape, lay: Layout, cl: Cluster, tokens: int, k: Kernels) -> tuple[float, float, float, float, float]:
     """One block on one rank: (gemm fwd, bwd input, bwd weight, attention fwd, pointwise fwd) seconds."""
-    t, h, e = lay.tp, s.h, s.e
+    t, e = lay.tp, s.e
     f = b = w = 0.0
-    for n, kk in ((h // t, h), (s.kv // t, h), (s.kv // t, h), (h, h // t), (s.ffn // t, h), (s.ffn // t, h),
-                  (h, s.ffn // t)):
+    for n, kk in block_linears(s.h, s.kv, s.ffn, t):
         a, c, d = _linear(cl, tokens, n, kk, e)
         f, b, w = f + a, b + c, w + d
     heads = max(1, s.heads // t)
@@ -248,8 +253,6 @@ def _dp_comm(s: Shape, lay: Layout, cl: Cluster, p: float, m: int, mb_compute: f
         return 0.0
     e = s.pb  # parameters and gradients: bf16 under bf16_params (FSDP2 all-gathers, DeepSpeed's bf16 mode)
     inner = lay.tp  # dp ranks sit tp apart (mesh order pp, dp_replicate, dp_shard, tp)
-    shard_link, shard_bw = cl.link(lay.dp_shard, inner)
-    rep_link, rep_bw = cl.link(lay.dp_replicate, inner * lay.dp_shard)
     shard = lay.sharding
     if native_zero1(s, lay):  # fp32 gradients reduce-scattered, fp32 master slices all-gathered after the last mb
         link, bw = cl.link(lay.dp, inner)
@@ -342,6 +345,11 @@ def _grad_accumulation(s: Shape, lay: Layout, p: float, m: int) -> tuple[float, 
     return 0.0, per_mb
 
 
+def default_kernels(cl: Cluster) -> Kernels:
+    """The local cluster runs on CPU; every other profile on GPUs."""
+    return Kernels.for_device("cpu" if cl.name == "local" else "gpu")
+
+
 def _local_params(s: Shape, lay: Layout, layers: int, first: bool, last: bool) -> float:
     unit = s.layer_params(lay.tp)
     return max(layers * unit + (s.vocab_params(lay.tp) if first else 0) + (s.vocab_params(lay.tp) if last else 0),
@@ -351,7 +359,7 @@ def _local_params(s: Shape, lay: Layout, layers: int, first: bool, last: bool) -
 def estimate_step_time(cfg: JobConfig, lay: Layout, cl: Cluster, kernels: Kernels | None = None) -> StepTime:
     """Seconds per optimizer step; `kernels` default: CPU for the local cluster, GPU otherwise."""
     s = Shape.of(cfg)
-    k = kernels or Kernels.for_device("cpu" if cl.name == "local" else "gpu")
+    k = kernels or default_kernels(cl)
     if cl.shared_hbm_gbs and lay.world > 1:  # the node's devices stream at once and share its memory bandwidth
         cl = replace(cl, gemm=replace(cl.gemm, hbm_gbs=min(cl.gemm.hbm_gbs, cl.shared_hbm_gbs)))
     gbs = cfg.train.global_batch

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from exatrain.data.facts import Question
+from exatrain.data.prompts import encode_prompts
 from exatrain.data.tokenizer import Tokenizer
 from exatrain.eval.eigenscore import METHODS, eigenscore
 from exatrain.model.generate import generate
@@ -80,7 +81,8 @@ def answer_accuracy(model: Transformer, tokenizer: Tokenizer, questions: Sequenc
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    encoded = [([tokenizer.bos_id, *tokenizer.encode(q.prompt)], tokenizer.encode(" " + q.answer)) for q in questions]
+    encoded = list(zip(encode_prompts(tokenizer, [q.prompt for q in questions]),
+                       tokenizer.encode_batch([" " + q.answer for q in questions])))
     correct = [False] * len(questions)
     by_length: dict[int, list[int]] = {}
     for i, (prompt, _) in enumerate(encoded):

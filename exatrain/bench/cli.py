@@ -223,9 +223,10 @@ def cmd_bench_gemm(args: argparse.Namespace) -> int:
 def cmd_bench_comm(args: argparse.Namespace) -> int:
     if args.nproc and "RANK" not in os.environ and "SLURM_STEP_ID" not in os.environ:
         rpn = args.ranks_per_node or max(1, args.nproc // 2)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "exatrain", "bench", "comm", "--ranks-per-node", str(rpn), "--cluster", args.cluster,
-               "--sizes", args.sizes, "--repeats", str(args.repeats)]
+        from exatrain.bench.scaling import torchrun_exatrain
+
+        cmd = torchrun_exatrain(args.nproc, "bench", "comm", "--ranks-per-node", str(rpn), "--cluster", args.cluster,
+                                "--sizes", args.sizes, "--repeats", str(args.repeats))
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         return subprocess.run(cmd, env=env, check=False).returncode
     import torch

@@ -119,11 +119,16 @@ def _tail(text: str, n: int = 1500) -> str:
     return (errors[-1] if errors else "\n".join(lines[-5:]))[-n:]
 
 
+def torchrun_exatrain(nproc: int, *args: str) -> list[str]:
+    """`torchrun --standalone --nproc-per-node=nproc -m exatrain ARGS...` with this interpreter."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "exatrain", *args]
+
+
 def run_local(config: str, base: list[str], extra: list[str], nproc: int, run_dir: Path, timeout: float,
               log: Path | None = None) -> tuple[dict | None, str]:
     """`torchrun --nproc-per-node=nproc -m exatrain train config ...`; returns (bench.json, error)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "exatrain", "train", config, *base, *extra, f"run_dir={run_dir}"]
+    cmd = torchrun_exatrain(nproc, "train", config, *base, *extra, f"run_dir={run_dir}")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONWARNINGS": "ignore"}
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)

@@ -1,4 +1,4 @@
-"""Command line: `exatrain train | print-config | launch | eval | plan | bench ...`."""
+"""Command line: `exatrain train | print-config | launch | eval | plan | bench | export | import ...`."""
 
 from __future__ import annotations
 
@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_arguments(p)
     p = sub.add_parser("bench", help="micro-benchmarks (gemm, comm) and scaling sweeps")
     add_bench_arguments(p)
+    from exatrain.interop.hf import add_export_parser, add_import_parser
+
+    add_export_parser(sub)
+    add_import_parser(sub)
     return parser
 
 

@@ -72,6 +72,7 @@ class ModelConfig:
     vocab_multiple_of: int = 1  # pad the vocabulary (Megatron's make-vocab-size-divisible-by)
     attention: str = "sdpa"
     converters: list[str] = field(default_factory=list)  # exatrain.registry.CONVERTERS, applied in order
+    init_from: str = ""  # hf:PATH starts from a Hugging Face Llama directory's weights (exatrain.interop.hf)
     s2: S2Config = field(default_factory=S2Config)
     mup: MupConfig = field(default_factory=MupConfig)
 

@@ -36,6 +36,7 @@ BUILTIN_PLUGINS = (
     "exatrain.train.stability",
     "exatrain.engine.native",
     "exatrain.engine.deepspeed",
+    "exatrain.interop.hf",
 )
 _imported: set[str] = set()
 

@@ -8,7 +8,7 @@ param groups, and a state dict in the native engine's FQN-keyed format ("model" 
 "optim"), so checkpoints move between engines and layouts.
 On CPU it runs with gloo (DS_ACCELERATOR=cpu is set before deepspeed is imported).
 Build sequence: convert (model.converters) -> activation checkpointing -> init (always the full
-single-process init, `materialize`) -> deepspeed.initialize partitions it.
+single-process init, `materialize`, then model.init_from's weights) -> deepspeed.initialize partitions it.
 Precision: train.dtype=bf16 is torch autocast around the forward (fp32 weights, as on the native engine);
 bf16_params is DeepSpeed's `bf16` mode (bf16 weights, fp32 master weights in the ZeRO optimizer).
 """
@@ -23,6 +23,7 @@ from torch import nn
 from exatrain.config import ConfigError, JobConfig
 from exatrain.data.batch import Batch
 from exatrain.engine.base import StepStats, all_reduce_sum, ce_sum, clean_fqn, model_inputs
+from exatrain.interop.hf import load_init_from
 from exatrain.model.convert import convert_model
 from exatrain.model.llama import materialize
 from exatrain.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -55,6 +56,7 @@ class DeepSpeedEngine:
         convert_model(model, cfg)
         apply_activation_checkpointing(model, t.activation_checkpointing)
         model = materialize(model, device, t.seed)
+        load_init_from(model)
         optimizer = build_optimizer(model, cfg)
         self._group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
         self.accumulation = t.global_batch // (t.micro_batch * dims.dp_size)

@@ -40,6 +40,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from exatrain.config import JobConfig
 from exatrain.engine.base import clean_fqn
+from exatrain.interop.hf import load_init_from
 from exatrain.model.convert import convert_model
 from exatrain.model.llama import materialize
 from exatrain.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -99,8 +100,10 @@ def fsdp_param_dtype(dtype: str) -> torch.dtype | None:
 
 
 def full_init_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of the single-process init, by FQN (tied weights under both names)."""
+    """Every parameter and buffer of the single-process init, by FQN (tied weights under both names);
+    model.init_from's weights replace the random ones."""
     ref = materialize(copy.deepcopy(model), "cpu", seed)
+    load_init_from(ref)
     return {**dict(ref.named_parameters(remove_duplicate=False)), **dict(ref.named_buffers(remove_duplicate=False))}
 
 

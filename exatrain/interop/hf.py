@@ -213,7 +213,7 @@ def config_mismatches(hf: dict[str, Any], cfg: ModelConfig) -> list[str]:
     kind = _rope(hf)[0]
     if kind != "default":
         out.append(f"rope type {kind!r}: exatrain implements plain RoPE only")
-    if cfg.tie_embeddings and not hf.get("tie_word_embeddings", False) and hf_tied(cfg):
+    if hf_tied(cfg) and not hf.get("tie_word_embeddings", False):
         out.append("tie_word_embeddings: checkpoint false (its own lm_head) vs model.tie_embeddings=true")
     return out
 

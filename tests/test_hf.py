@@ -26,6 +26,7 @@ from exatrain.interop.hf import (
     write_safetensors,
 )
 from exatrain.model.llama import build_model, materialize
+from exatrain.train.checkpoint import Checkpointer
 from helpers import TINY, losses, run, torchrun_cmd, train_cmd
 
 transformers = pytest.importorskip("transformers")
@@ -110,6 +111,32 @@ def test_init_from_loads_hf_weights_and_validates(tmp_path):
     assert imported.model.init_from == f"hf:{(tmp_path / 'hf').resolve()}"
     assert (imported.model.dim, imported.model.n_kv_heads, imported.model.vocab_size) == (64, 2, 80)
     assert not imported.model.tie_embeddings and imported.run_dir == str(tmp_path / "run")
+
+
+class ModelState:
+    """The engine entry of a checkpoint, model weights only: what `export` reads."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def state_dict(self):
+        return {"model": self.model.state_dict()}
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP saving in one process, as meant
+def test_export_of_a_checkpoint_with_tokenizer(tmp_path, cache):
+    cfg = load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path / 'run'}", "model.n_kv_heads=2",
+                                    "model.tie_embeddings=false"])
+    model = materialize(build_model(cfg.model), "cpu", 0).eval()
+    Checkpointer(tmp_path / "run", cfg).save(3, {"engine": ModelState(model)}, {"tokens_seen": 0})
+    out = export_hf(tmp_path / "run", tmp_path / "hf", step=3, max_shard_size="30KB")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2)
+    tokens = torch.tensor([tok("Tokenizers and weights travel together.")["input_ids"]])
+    with torch.no_grad():
+        assert (hf_logits(out, tokens) - model(tokens)).abs().max().item() <= 1e-5
+    with pytest.raises(FileExistsError, match="already holds a model"):
+        export_hf(tmp_path / "run", tmp_path / "hf")
 
 
 def test_parse_size():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from exatrain.cli import main
-from exatrain.config import ConfigError, ModelConfig, MupConfig, load_config
+from exatrain.config import ConfigError, ModelConfig, MupConfig, load_config, to_dict
 from exatrain.eval.perplexity import load_run
 from exatrain.interop.hf import (
     INDEX,
@@ -26,7 +26,7 @@ from exatrain.interop.hf import (
     write_safetensors,
 )
 from exatrain.model.llama import build_model, materialize
-from exatrain.train.checkpoint import Checkpointer
+from exatrain.train.checkpoint import Checkpointer, CheckpointError, check_compatible
 from helpers import TINY, losses, run, torchrun_cmd, train_cmd
 
 transformers = pytest.importorskip("transformers")
@@ -137,6 +137,15 @@ def test_export_of_a_checkpoint_with_tokenizer(tmp_path, cache):
         assert (hf_logits(out, tokens) - model(tokens)).abs().max().item() <= 1e-5
     with pytest.raises(FileExistsError, match="already holds a model"):
         export_hf(tmp_path / "run", tmp_path / "hf")
+
+
+def test_resume_does_not_compare_init_from():
+    cfg = load_config("tiny.yaml", TINY)
+    meta = {"config": to_dict(cfg)}
+    del meta["config"]["model"]["init_from"]  # a checkpoint from before the key, or one whose source moved
+    check_compatible(meta, replace(cfg, model=replace(cfg.model, init_from="hf:/gone")), Path("ckpt"))
+    with pytest.raises(CheckpointError, match="model.dim: checkpoint 32 vs run 64"):
+        check_compatible(meta, replace(cfg, model=replace(cfg.model, dim=64)), Path("ckpt"))
 
 
 def test_parse_size():

@@ -134,11 +134,12 @@ def verify(path: Path) -> dict[str, Any]:
 
 
 def check_compatible(meta: dict[str, Any], cfg: JobConfig, path: Path) -> None:
-    """The model architecture must match; everything else (layout, batch, LR) may change on resume."""
+    """The model architecture must match; everything else (layout, batch, LR) may change on resume, and so
+    may model.init_from, where the weights came from before the checkpoint (drop it once its files are gone)."""
     saved = meta["config"]["model"]
     current = to_dict(cfg)["model"]
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs run {current[k]!r}"
-             for k in current if saved.get(k) != current[k]]
+             for k in current if k != "init_from" and saved.get(k) != current[k]]
     if diffs:
         raise CheckpointError(f"checkpoint {path} was written by a different model:\n  " + "\n  ".join(diffs))
 

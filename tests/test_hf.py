@@ -22,6 +22,7 @@ from exatrain.interop.hf import (
     load_init_from,
     parse_size,
     read_hf_weights,
+    run_tokenizer,
     to_hf,
     write_safetensors,
 )
@@ -146,6 +147,11 @@ def test_resume_does_not_compare_init_from():
     check_compatible(meta, replace(cfg, model=replace(cfg.model, init_from="hf:/gone")), Path("ckpt"))
     with pytest.raises(CheckpointError, match="model.dim: checkpoint 32 vs run 64"):
         check_compatible(meta, replace(cfg, model=replace(cfg.model, dim=64)), Path("ckpt"))
+
+
+def test_run_tokenizer_from_its_file_needs_no_data(tmp_path):
+    cfg = load_config("tiny.yaml", [*TINY, "data.tokenizer.kind=byte", f"data.paths=[{tmp_path / 'gone.jsonl'}]"])
+    assert run_tokenizer(cfg).vocab_size == 259
 
 
 def test_parse_size():

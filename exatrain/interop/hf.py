@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from exatrain.config import DEFAULT_CONFIG, JobConfig, ModelConfig, require, split_config_args
+from exatrain.data.tokenizer import Tokenizer, build_tokenizer
 from exatrain.engine.base import clean_fqn
 from exatrain.model.llama import Transformer, width_mult
 from exatrain.registry import config_validator
@@ -274,7 +275,7 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_tokenizer(tokenizer, out: Path, max_len: int) -> None:
+def write_tokenizer(tokenizer: Tokenizer, out: Path, max_len: int) -> None:
     """tokenizer.json plus the two small files AutoTokenizer reads for the class and the special tokens."""
     tokenizer.save(out / "tokenizer.json")
     special = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
@@ -284,11 +285,12 @@ def write_tokenizer(tokenizer, out: Path, max_len: int) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
 
 
-def run_tokenizer(cfg: JobConfig):
+def run_tokenizer(cfg: JobConfig) -> Tokenizer:
     """The tokenizer a run trained with (its file, the shipped or cached BPE, or trained again from its data)."""
     from exatrain.data.documents import DataStats, files_digest, read_documents, resolve_files
-    from exatrain.data.tokenizer import build_tokenizer
 
+    if cfg.data.tokenizer.path or cfg.data.tokenizer.kind == "byte":  # no data needed (it may be gone)
+        return build_tokenizer(cfg.data.tokenizer, (), "", Path(cfg.data.cache_dir))
     files = resolve_files(cfg.data.paths)
     texts = (doc.text for doc in read_documents(files, DataStats()))
     return build_tokenizer(cfg.data.tokenizer, texts, files_digest(files), Path(cfg.data.cache_dir))

@@ -40,7 +40,8 @@ class S2Config:
     local_blocks: int = 16
     vert_stride: int = 8
     homo_head: bool = False
-    num_dense_heads: int = 0
+    num_dense_heads: int = 0  # query heads, the last KV groups; a multiple of the GQA group size
+    head_sliding_offset: int = 0  # stride phase of head 0: 0 as in DKernel (reads block 0), 1 as in Phi-3-small
     dense_layers: list[int] = field(default_factory=list)
     dense_period: int = 0
 

@@ -89,11 +89,13 @@ class TokenizerConfig:
 
 @dataclass
 class MecoConfig:
-    """Metadata conditioning then cooldown (DESIGN.md §5). field url: the URL's host without www.;
-    any other field is used verbatim. missing: what to do with documents without it (fallback/skip/error)."""
+    """Metadata conditioning then cooldown (DESIGN.md §5). field url: the value MeCo's code writes
+    (url_value meco) or the normalised host (url_value host); any other field is used verbatim.
+    missing: what to do with documents without it (fallback/skip/error)."""
 
     enabled: bool = False
     field: str = "url"
+    url_value: str = "meco"  # meco: re.sub(r'https?://', '', url).split('/')[0]; host: lower-case, no www./port
     template: str = "URL: {value}\n\n"
     cooldown_fraction: float = 0.1
     missing: str = "fallback"

@@ -200,12 +200,15 @@ class CheckpointConfig:
 @dataclass
 class MetricsConfig:
     """Per-step logging (exatrain.train.metrics). peak_tflops > 0 replaces the device's peak (dense TFLOP/s
-    per torch device, e.g. per MI250X GCD) as the MFU denominator; needed for GPUs not in exatrain.bench.peak."""
+    per torch device, e.g. per MI250X GCD) as the MFU denominator; needed for GPUs not in exatrain.bench.peak.
+    flops_convention: the attention term of model FLOPs, palm (full T x T, PaLM/torchtitan) or megatron
+    (causal half, Megatron-LM); exatrain.bench.flops."""
 
     log_every: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
     peak_tflops: float = 0.0
+    flops_convention: str = "palm"
 
 
 @dataclass
@@ -425,6 +428,7 @@ _CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.nan_policy": ("skip", "raise"),
     "parallel.init": ("full", "sharded"),
+    "metrics.flops_convention": ("palm", "megatron"),
     "parallel.pp_schedule": ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"),
 }
 _REGISTRY_CHOICES = {

@@ -108,10 +108,13 @@ def validate_s2(cfg: JobConfig) -> None:
     require(m.s2.block_size < T, "model.s2.block_size",
             f"{m.s2.block_size} >= data.seq_len={T}: one block per sequence makes S2 dense attention; "
             f"use a block_size below data.seq_len (or model.attention=sdpa)")
-    if pattern.attended_fraction(T) == 1.0:
+    n_blocks = -(-T // m.s2.block_size)
+    if (pattern.n_sparse_units == 0 or m.s2.vert_stride == 1
+            or (n_blocks <= m.s2.local_blocks + 1 and pattern.attended_fraction(T) == 1.0)):
         warnings.warn(f"S2 pattern is dense at data.seq_len={T}: model.s2.local_blocks={m.s2.local_blocks} x "
-                      f"model.s2.block_size={m.s2.block_size} (or vert_stride={m.s2.vert_stride}) reaches every "
-                      f"block; training runs dense attention at S2's cost.", stacklevel=2)
+                      f"model.s2.block_size={m.s2.block_size}, vert_stride={m.s2.vert_stride}, num_dense_heads="
+                      f"{m.s2.num_dense_heads} read every block; training runs dense attention at S2's cost.",
+                      stacklevel=2)
     if not pattern.covers_context:
         phases = len({p for p in pattern.unit_phase if p >= 0})
         warnings.warn(f"S2 pattern: {pattern.n_sparse_units} sparse KV heads (stride step "

@@ -207,7 +207,8 @@ def test_homo_head_has_no_dense_heads_and_a_dense_pattern_warns():
         load_config(None, ["model.attention=s2", "model.n_heads=4", "model.s2.homo_head=true",
                            "model.s2.num_dense_heads=2"])
     with pytest.warns(UserWarning, match=r"dense at data\.seq_len=256: model\.s2\.local_blocks=4"):
-        load_config(None, ["model.attention=s2", "model.n_heads=4", "model.s2.block_size=64", "model.s2.local_blocks=4"])
+        load_config(None, ["model.attention=s2", "model.n_heads=4", "model.s2.block_size=64", "model.s2.local_blocks=4",
+                           "model.s2.vert_stride=4"])
     with pytest.warns(UserWarning, match="vert_stride=1, num_dense_heads=0 read every block"):
         load_config(None, ["model.attention=s2", "model.n_heads=4", "model.s2.block_size=16", "model.s2.local_blocks=2",
                            "model.s2.vert_stride=1"])

@@ -40,7 +40,8 @@ class S2Config:
     local_blocks: int = 16
     vert_stride: int = 8
     homo_head: bool = False
-    num_dense_heads: int = 0
+    num_dense_heads: int = 0  # query heads, the last KV groups; a multiple of the GQA group size
+    head_sliding_offset: int = 0  # stride phase of head 0: 0 as in DKernel (reads block 0), 1 as in Phi-3-small
     dense_layers: list[int] = field(default_factory=list)
     dense_period: int = 0
 
@@ -89,11 +90,13 @@ class TokenizerConfig:
 
 @dataclass
 class MecoConfig:
-    """Metadata conditioning then cooldown (DESIGN.md §5). field url: the URL's host without www.;
-    any other field is used verbatim. missing: what to do with documents without it (fallback/skip/error)."""
+    """Metadata conditioning then cooldown (DESIGN.md §5). field url: the value MeCo's code writes
+    (url_value meco) or the normalised host (url_value host); any other field is used verbatim.
+    missing: what to do with documents without it (fallback/skip/error)."""
 
     enabled: bool = False
     field: str = "url"
+    url_value: str = "meco"  # meco: re.sub(r'https?://', '', url).split('/')[0]; host: lower-case, no www./port
     template: str = "URL: {value}\n\n"
     cooldown_fraction: float = 0.1
     missing: str = "fallback"
@@ -198,12 +201,15 @@ class CheckpointConfig:
 @dataclass
 class MetricsConfig:
     """Per-step logging (exatrain.train.metrics). peak_tflops > 0 replaces the device's peak (dense TFLOP/s
-    per torch device, e.g. per MI250X GCD) as the MFU denominator; needed for GPUs not in exatrain.bench.peak."""
+    per torch device, e.g. per MI250X GCD) as the MFU denominator; needed for GPUs not in exatrain.bench.peak.
+    flops_convention: the attention term of model FLOPs, palm (full T x T, PaLM/torchtitan) or megatron
+    (causal half, Megatron-LM); exatrain.bench.flops."""
 
     log_every: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
     peak_tflops: float = 0.0
+    flops_convention: str = "palm"
 
 
 @dataclass
@@ -423,6 +429,7 @@ _CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.nan_policy": ("skip", "raise"),
     "parallel.init": ("full", "sharded"),
+    "metrics.flops_convention": ("palm", "megatron"),
     "parallel.pp_schedule": ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"),
 }
 _REGISTRY_CHOICES = {

@@ -110,6 +110,8 @@ def test_local_scaling_sweep_with_pipeline_bubble(tmp_path):
     assert res["status"] == "ok" and res["layout"].startswith("tp1 pp2 1F1B")
     r = res["result"]
     assert r["world"] == 2 and len(r["step_times"]) == 2 and r["mfu"] > 0 and r["peak_source"]
+    both = r["mfu_by_convention"]
+    assert r["flops_convention"] == "palm" and both["palm"] == pytest.approx(r["mfu"]) and both["megatron"] < r["mfu"]
     assert sum(r["breakdown"].values()) == pytest.approx(1.0) and r["breakdown"]["bubble"] > 0
     assert "| strong | pp2 | tp1 pp2 1F1B" in (out / "report.md").read_text()
 

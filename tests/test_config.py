@@ -20,6 +20,8 @@ def test_defaults_load_and_round_trip():
     (["schedule.name=linear"], "schedule.name"),
     (["schedule.power_b=0.5"], "schedule.power_b"),
     (["data.meco.cooldown_fraction=1.0"], "data.meco.cooldown_fraction"),
+    (["data.meco.url_value=domain"], "data.meco.url_value"),
+    (["metrics.flops_convention=causal"], "metrics.flops_convention"),
     (["data.seq_len=1024"], "data.seq_len"),
     (["parallel.dp_shard=0"], "parallel.dp_shard"),
     (["optim.lr=-1"], "optim.lr"),

@@ -13,7 +13,7 @@ import torch
 from exatrain.config import JobConfig, MecoConfig, finalize_config
 from exatrain.data import build_data, metadata_prompt
 from exatrain.data.dataset import IGNORE_INDEX, PackedLoader
-from exatrain.data.meco import url_domain
+from exatrain.data.meco import meco_url, metadata_value, url_domain
 from exatrain.data.tokenizer import SHIPPED_DIR, Tokenizer
 from exatrain.train.meco import MecoCooldown
 
@@ -75,6 +75,37 @@ def expected_layout(tok: Tokenizer, cfg: MecoConfig, text: str, value: str | Non
     return tokens, labels
 
 
+def short_url(url: str) -> str:
+    """MeCo's `re.sub(r'https?://', '', url).split('/')[0]` (datatools/mds_pack_data.py, --use_short_url)
+    written as one left-to-right scan: a match is removed and the scan goes on after it."""
+    out, i = [], 0
+    while i < len(url):
+        scheme = next((s for s in ("https://", "http://") if url.startswith(s, i)), None)
+        if scheme:
+            i += len(scheme)
+        else:
+            out.append(url[i])
+            i += 1
+    return "".join(out).partition("/")[0]
+
+
+ADVERSARIAL_URLS = [
+    "https://www.Example.org:8080/a/b?c=d#e", "http://user:secret@docs.python.org/3/", "en.wikipedia.org/wiki/Foo",
+    "WWW.GNU.ORG", "HTTPS://Upper.Scheme.com/x", "https://host.com?q=http://other.org/p", "example.org?x=1/y",
+    "https://", "http:///path", "", "   ", " https://spaced.org/ ", "ftp://files.example.com/a", "//cdn.example.net/x",
+    "httpshttps://://x.org/", "httphttps://://y.org", "https://https://z.org/", "http://[::1]:80/x",
+    "https://xn--bcher-kva.example/", "mailto:someone@example.com", "https://a.org#frag/ment", "http:/one-slash.org/",
+]
+
+
+@pytest.mark.parametrize("url", ADVERSARIAL_URLS)
+def test_default_url_value_is_what_meco_writes(url):
+    expected = short_url(url)
+    assert meco_url(url) == (expected or None)
+    assert metadata_value(MecoConfig(), url) == (expected or None)
+    assert metadata_value(MecoConfig(url_value="host"), url) == url_domain(url)
+
+
 def test_url_domain():
     assert url_domain("https://www.Example.org:8080/a/b?c=d#e") == "example.org"
     assert url_domain("http://user:secret@docs.python.org/3/") == "docs.python.org"
@@ -94,12 +125,15 @@ def test_prefix_and_mask_layout(tmp_path: Path, tok: Tokenizer):
     assert len(docs) > 10
     for tokens, labels in docs:
         header, _, body = tok.decode(tokens[1:-1]).partition("\n\n")
-        domain = url_domain(by_text[body]["url"])
+        domain = short_url(by_text[body]["url"])
         assert header == f"URL: {domain}"
         assert (tokens, labels) == expected_layout(tok, cfg.data.meco, body, domain)
         prefix_len = len(tok.encode(f"URL: {domain}\n\n"))
         assert prefix_len > 2 and labels[prefix_len] == tokens[prefix_len + 1], "the first text token is trained"
-    assert {url_domain(r["url"]) for r in recs} == {"python.org", "gnu.org", "docs.example.com"}
+    assert {short_url(r["url"]) for r in recs} == {"www.python.org", "gnu.org:443", "Docs.Example.COM"}
+    host = build_data(make_cfg(tmp_path, recs, url_value="host"), 0, 1, tmp_path / "cache").train
+    headers = {tok.decode(t[1:-1]).partition("\n\n")[0] for t, _ in documents_in(host, 6, tok)}
+    assert headers == {"URL: python.org", "URL: gnu.org", "URL: docs.example.com"}
 
 
 def test_text_tokens_identical_with_and_without_metadata(tok: Tokenizer):
@@ -112,7 +146,9 @@ def test_text_tokens_identical_with_and_without_metadata(tok: Tokenizer):
     fabricated = metadata_prompt(tok, cfg, text, "en.wikipedia.org")
     assert tok.decode(fabricated[1:]) == "URL: en.wikipedia.org\n\n" + text
     with pytest.raises(ValueError, match="cannot derive"):
-        metadata_prompt(tok, cfg, text, "no host here")
+        metadata_prompt(tok, cfg, text, "https://")
+    with pytest.raises(ValueError, match="cannot derive"):
+        metadata_prompt(tok, MecoConfig(enabled=True, url_value="host"), text, "no host here")
 
 
 def test_other_field_uses_raw_value(tmp_path: Path, tok: Tokenizer):
@@ -143,6 +179,9 @@ def test_missing_metadata_policies(tmp_path: Path, tok: Tokenizer):
 
     with pytest.raises(ValueError, match=r"docs\.jsonl:1: document has no usable 'url' metadata \(12 such"):
         build_data(make_cfg(tmp_path, recs, missing="error"), 0, 1, tmp_path / "cache")
+
+    with pytest.raises(ValueError, match=r"data\.meco\.field='source': none of the 60 documents .*docs\.jsonl:1\)"):
+        build_data(make_cfg(tmp_path, recs, field="source"), 0, 1, tmp_path / "cache")
 
 
 def test_metadata_off_gives_plain_documents(tmp_path: Path, tok: Tokenizer):

@@ -69,7 +69,7 @@ def test_conditions_score_the_same_text_tokens(trained):
     assert {r["documents"] for r in s.values()} == {5} and len({r["tokens"] for r in s.values()}) == 1
     assert len({r["loss"] for r in s.values()}) == 3, "the metadata prefix must change the prediction"
     assert all(d["domain"] and set(d["ppl"]) == set(s) for d in out["documents"])
-    same = evaluate_perplexity(run_dir, ["https://www.wikipedia.org/wiki/Python"], max_docs=5)
+    same = evaluate_perplexity(run_dir, ["https://wikipedia.org/wiki/Python"], max_docs=5)  # MeCo's value: the FAKE
     assert next(iter(same["summary"].values()))["loss"] == pytest.approx(s[FAKE]["loss"], rel=1e-6)
 
 

@@ -12,10 +12,11 @@ import time
 import pytest
 import torch
 
-from exatrain.bench.flops import flops_per_token, megatron_flops_per_iteration, non_embedding_params
+from exatrain.bench.flops import (flops_per_token, flops_per_token_by_convention, megatron_flops_per_iteration,
+                                  mfu_formula, non_embedding_params)
 from exatrain.bench.peak import PeakInfo, lookup, peak_tflops
 from exatrain.config import MetricsConfig, ModelConfig, S2Config
-from exatrain.model.llama import build_model, count_params
+from exatrain.model.llama import build_model, count_params, ffn_hidden_dim
 from exatrain.train.metrics import METRICS_FILE, MetricsLogger, peak_memory_bytes, read_metrics, throughput
 
 # dim 64, 2 layers, 4 heads of 16 (KV dim 2 * 16 = 32), SwiGLU hidden int(8 * 64 / 3) = 170 rounded up to 192.
@@ -45,6 +46,43 @@ def test_flops_per_token_hand_count():
     # 6·N plus the full (non-causal-halved) score matmuls: 12 · layers · dim · seq_len.
     assert flops_per_token(cfg, 32) == 6 * 105024 + 12 * 2 * 64 * 32 == 679296
     assert flops_per_token(cfg, 64) - flops_per_token(cfg, 32) == 12 * 2 * 64 * 32
+
+
+def torchtitan_flop_per_token(num_params: int, n_layers: int, n_heads: int, dim: int, seq_len: int) -> int:
+    """torchtitan's get_num_flop_per_token: 6·N + 12·l·h·q·t (no causal halving)."""
+    return 6 * num_params + 12 * n_layers * n_heads * (dim // n_heads) * seq_len
+
+
+def megatron_lm_flops(batch: int, seq: int, layers: int, hidden: int, heads: int, groups: int, ffn: int,
+                      vocab: int) -> float:
+    """Megatron-LM's num_floating_point_operations (training.py, dense GQA SwiGLU transformer, no MoE/MTP):
+    3 (fwd, wgrad, dgrad) x 2 (FMA) per GEMM, core attention over the causal half."""
+    kv_channels = hidden // heads
+    q, kv = kv_channels * heads, kv_channels * groups
+    attn = 3 * 2 * (hidden * (q + 2 * kv) + q * seq / 2 * 2 + q * hidden)
+    mlp = 3 * 2 * hidden * ffn * 3
+    return batch * seq * (layers * (attn + mlp) + 3 * 2 * hidden * vocab)
+
+
+@pytest.mark.parametrize("kw", [TINY, dict(dim=256, n_layers=3, n_heads=8, n_kv_heads=8, vocab_size=1000),
+                                dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                                     ffn_hidden=14336)])
+@pytest.mark.parametrize("seq", [32, 2048])
+def test_flop_conventions_match_torchtitan_and_megatron_lm(kw, seq):
+    cfg = ModelConfig(**kw)
+    n = non_embedding_params(cfg)
+    assert flops_per_token(cfg, seq) == torchtitan_flop_per_token(n, cfg.n_layers, cfg.n_heads, cfg.dim, seq)
+    assert flops_per_token(cfg, seq, "palm") == flops_per_token(cfg, seq)  # the default
+    # Megatron-LM counts no norm weights (2 per layer + the final one, dim each): the only other difference.
+    norms = (2 * cfg.n_layers + 1) * cfg.dim
+    mega = megatron_lm_flops(3, seq, cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads,
+                             ffn_hidden_dim(cfg), cfg.vocab_size)
+    assert 3 * seq * (flops_per_token(cfg, seq, "megatron") - 6 * norms) == pytest.approx(mega, rel=1e-12)
+    both = flops_per_token_by_convention(cfg, seq)
+    assert both["palm"] - both["megatron"] == 6 * cfg.n_layers * cfg.dim * seq
+    assert "palm convention" in mfu_formula("palm") and "megatron convention" in mfu_formula("megatron")
+    with pytest.raises(ValueError, match="unknown FLOP convention 'causal'"):
+        flops_per_token(cfg, seq, "causal")
 
 
 def test_flops_need_vocab():

@@ -39,6 +39,8 @@ CASES = {
     "window_not_multiple_of_group": (1, 4, 2, 16 * 30 + 9, 8, dict(block_size=16, local_blocks=13, vert_stride=2)),
     "dense_heads": (2, 8, 4, 16 * 13, 8, dict(block_size=16, local_blocks=1, vert_stride=3, num_dense_heads=4)),
     "homo_head": (1, 4, 4, 32 * 9 + 1, 8, dict(block_size=32, local_blocks=2, vert_stride=3, homo_head=True)),
+    "offset_dense_last": (1, 8, 4, 16 * 14 + 5, 8, dict(block_size=16, local_blocks=2, vert_stride=8, num_dense_heads=2,
+                                                         head_sliding_offset=3)),
     "stride_1": (1, 2, 2, 16 * 9, 8, dict(block_size=16, local_blocks=2, vert_stride=1)),
     "all_local": (1, 2, 2, 16 * 4 - 5, 8, dict(block_size=16, local_blocks=4, vert_stride=4)),
 }
@@ -70,9 +72,10 @@ def test_local_groups_split_over_kernel_calls(monkeypatch, docs):
         torch.testing.assert_close(a, b, **TOL)
 
 
-def test_tp_shards_use_their_global_pattern_rows():
+@pytest.mark.parametrize("dense", [0, 2], ids=["sparse", "last_group_dense"])
+def test_tp_shards_use_their_global_pattern_rows(dense):
     """Each rank of a TP=2 split, given its head_offset, computes exactly its slice of the full result."""
-    pattern = S2Pattern(16, 2, 4, 8, 4)
+    pattern = S2Pattern(16, 2, 4, 8, 4, num_dense_heads=dense)
     q, k, v, doc_ids, grad = inputs(1, 8, 4, 16 * 12 + 5, 8, 0.02)
     full = run(reference_s2_attention, q, k, v, pattern, doc_ids, 0, grad)
     for rank in range(2):

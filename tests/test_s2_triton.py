@@ -47,6 +47,11 @@ CASES = {
                                                           n_kv_heads=2, num_dense_heads=2), True, 0),
     "tp_shard_head_dim_24": (2, 2, 1, 16 * 3, 24, dict(block_size=16, local_blocks=1, vert_stride=2, n_heads=4,
                                                         n_kv_heads=2), False, 2),
+    "offset_dense_last_shard": (1, 2, 1, 16 * 4 + 3, 16, dict(block_size=16, local_blocks=1, vert_stride=4, n_heads=4,
+                                                               n_kv_heads=2, num_dense_heads=2, head_sliding_offset=1),
+                                True, 2),
+    "offset_sparse_shard": (1, 2, 1, 16 * 5, 16, dict(block_size=16, local_blocks=1, vert_stride=4, n_heads=4,
+                                                      n_kv_heads=2, num_dense_heads=2, head_sliding_offset=1), True, 0),
 }
 
 

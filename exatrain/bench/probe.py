@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from exatrain.bench.flops import flops_per_token_by_convention, mfu_formula
 from exatrain.config import ConfigError, JobConfig
 from exatrain.registry import CALLBACKS
 from exatrain.train.callback import Callback
@@ -58,8 +59,6 @@ STEP_MARK = "exatrain_bench_step"
 P2P = ("send", "recv", "sendrecv")
 COMM = ("c10d", "gloo", "nccl", "rccl", "_c10d_functional", "wait_tensor", "barrier", "all_reduce", "allreduce",
         "all_gather", "allgather", "reduce_scatter", "reducescatter", "broadcast", "record_param_comms", "all_to_all")
-MFU_FORMULA = ("model FLOPs per token 6·N + 12·L·d·T (exatrain.bench.flops: N non-embedding params incl. the "
-               "output head, full T x T attention), x tokens/s, / (devices x peak)")
 
 
 def comm_kind(name: str) -> str | None:
@@ -308,6 +307,8 @@ def summarize(trainer, ranks: list[dict]) -> dict[str, Any]:
     world = dims.world_size
     peak = trainer.peak
     rates = throughput(tokens, step, trainer.flops_per_token, peak, world)
+    by_convention = {c: throughput(tokens, step, f, peak, world)["mfu"]
+                     for c, f in flops_per_token_by_convention(cfg.model, cfg.data.seq_len).items()}
     mean_shares = {}
     measured = [r["shares"] for r in ranks if r["shares"]]
     if measured:
@@ -330,7 +331,8 @@ def summarize(trainer, ranks: list[dict]) -> dict[str, Any]:
         "flops_per_token": trainer.flops_per_token, "tflops_per_device": rates["tflops"],
         "peak_tflops": peak.tflops, "peak_source": peak.source,
         "mfu": None if math.isnan(rates["mfu"]) else rates["mfu"],
-        "mfu_formula": MFU_FORMULA,
+        "flops_convention": cfg.metrics.flops_convention, "mfu_formula": mfu_formula(cfg.metrics.flops_convention),
+        "mfu_by_convention": {c: None if math.isnan(v) else v for c, v in by_convention.items()},
         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in ranks),
         "peak_mem_kind": "CUDA allocator peak" if trainer.device.type == "cuda" else "process peak RSS",
         "live_peak_bytes": [r["live_peak_bytes"] for r in ranks],

@@ -53,7 +53,7 @@ class StepTime:
     optimizer: float
     tokens: int  # per step, global
     devices: int
-    model_flops: float  # per step, exatrain's 6N + attention convention (exatrain.bench.flops)
+    model_flops: float  # per step, 6N + attention in metrics.flops_convention (exatrain.bench.flops)
     megatron_flops: float  # per step, Narayanan et al.'s formula as the Frontier paper reports
     peak_tflops: float
 
@@ -394,7 +394,7 @@ def estimate_step_time(cfg: JobConfig, lay: Layout, cl: Cluster, kernels: Kernel
     mcfg = cfg.model
     if mcfg.vocab_size <= 0:
         mcfg = replace(mcfg, vocab_size=s.vocab)
-    model_flops = flops_per_token(mcfg, s.seq) * gbs * s.seq
+    model_flops = flops_per_token(mcfg, s.seq, cfg.metrics.flops_convention) * gbs * s.seq
     mega = megatron_flops_per_iteration(mcfg, gbs, s.seq, recompute=lay.activation_checkpointing == "full")
     return StepTime(compute, m * mb.recompute, tp_comm, bubble, p2p, dp, optimizer, gbs * s.seq, lay.world,
                     model_flops, mega, cl.gemm.peak_tflops)

@@ -124,7 +124,8 @@ def _read_store(directory: Path, key: str, files: list[Path]) -> TokenStore:
 
 def load_store(files: list[Path], data_digest: str, tokenizer: Tokenizer, meco: MecoConfig, cache_dir: Path) -> TokenStore:
     """The cached store for these inputs, tokenizing on a miss."""
-    settings = {"version": _CACHE_VERSION, "data": data_digest, "tokenizer": tokenizer.digest, "field": meco.field}
+    settings = {"version": _CACHE_VERSION, "data": data_digest, "tokenizer": tokenizer.digest, "field": meco.field,
+                "url_value": meco.url_value}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_dir / f"tokens-{key}"
     if directory.is_dir():

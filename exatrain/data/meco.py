@@ -2,10 +2,11 @@
 
 With metadata on, a document is laid out as `<bos> template.format(value=v) text <eos>`
 and the targets `<bos>` and every prefix token are masked (-100): the model learns the text
-conditioned on the metadata but is never trained to produce it. For `field: url`, `v` is the
-URL's host, lower-cased, without scheme, credentials, port or path, and with a leading
-`www.` removed (www.gnu.org and gnu.org are one site; one value per site is what the
-conditioning should see). Any other field is used verbatim (e.g. a `topic` column).
+conditioned on the metadata but is never trained to produce it. For `field: url`, `v` is by
+default what the MeCo code writes (`datatools/mds_pack_data.py --use_short_url`:
+`re.sub(r'https?://', '', url).split('/')[0]`, so `www.`, case, port and credentials stay);
+`url_value: host` normalises it instead (lower-cased host without `www.`, port or credentials:
+www.gnu.org and gnu.org become one site). Any other field is used verbatim (e.g. a `topic` column).
 
 The prefix is tokenized on its own, separately from the text, so the text's tokens are the
 same with and without metadata: switching to the cooldown needs no re-tokenization, and the
@@ -15,6 +16,7 @@ distinct prefixes (one per site or topic) are tokenized once.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -26,6 +28,12 @@ from exatrain.data.documents import DataStats
 from exatrain.data.tokenizer import Tokenizer
 
 logger = logging.getLogger("exatrain.data")
+
+
+def meco_url(url: str) -> str | None:
+    """The MeCo code's short URL: every 'http://' / 'https://' removed, then the text before the first '/'.
+    None when that is empty (MeCo would write an empty value)."""
+    return re.sub(r"https?://", "", url).split("/")[0] or None
 
 
 def url_domain(url: str) -> str | None:
@@ -45,7 +53,7 @@ def metadata_value(cfg: MecoConfig, raw: str | None) -> str | None:
     if raw is None:
         return None
     if cfg.field == "url":
-        return url_domain(raw)
+        return meco_url(raw) if cfg.url_value == "meco" else url_domain(raw)
     return raw.strip() or None
 
 
@@ -76,6 +84,11 @@ def build_prefixes(tokenizer: Tokenizer, cfg: MecoConfig, values: list[str], val
     if len(missing) and cfg.missing == "error":
         raise ValueError(f"{origin(int(missing[0]))}: document has no usable '{cfg.field}' metadata "
                          f"({len(missing)} such documents; set data.meco.missing to 'fallback' or 'skip')")
+    if len(missing) == len(index) and cfg.missing == "fallback":
+        raise ValueError(f"data.meco.field={cfg.field!r}: none of the {len(index)} documents has a usable value "
+                         f"(first: {origin(int(missing[0]))}), so every one would get the fallback "
+                         f"{cfg.fallback!r} and MeCo would condition on a constant; add the field to the data.paths "
+                         f"documents, pick another data.meco.field, or set data.meco.enabled=false")
     if len(missing) and cfg.missing == "fallback":
         if cfg.fallback not in values:
             values.append(cfg.fallback)
@@ -93,7 +106,7 @@ def build_prefixes(tokenizer: Tokenizer, cfg: MecoConfig, values: list[str], val
 def metadata_prompt(tokenizer: Tokenizer, cfg: MecoConfig, text: str, value: str | None) -> list[int]:
     """Prompt ids as in training: `<bos>`, the prefix for `value` (real or made up) unless None, the text.
 
-    For `field: url`, `value` may be a URL or a bare domain.
+    For `field: url`, `value` may be a URL or a bare domain; it goes through `cfg.url_value` as in training.
     """
     ids = [tokenizer.bos_id]
     if value is not None:

@@ -72,6 +72,7 @@ def validate_meco(cfg: JobConfig) -> None:
     m = cfg.data.meco
     require(m.missing in ("fallback", "skip", "error"), "data.meco.missing",
             f"got {m.missing!r}, expected one of fallback, skip, error")
+    require(m.url_value in ("meco", "host"), "data.meco.url_value", f"got {m.url_value!r}, expected meco or host")
     require(0.0 <= m.cooldown_fraction < 1.0, "data.meco.cooldown_fraction", "must be in [0, 1)")
     require("{value}" in m.template, "data.meco.template", "must contain the '{value}' placeholder")
     try:

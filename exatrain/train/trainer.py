@@ -163,14 +163,15 @@ class Trainer:
         self.resumed_step = self.state.step if resume_from is not None else -1
 
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, cfg.metrics.flops_convention)
         self.peak = peak_tflops(self.device, cfg.train.dtype, cfg.metrics.peak_tflops)
         self.metrics = MetricsLogger(self.run_dir, cfg.metrics, self.info.rank, cfg.train.steps,
                                      start_step=self.state.step)
         self.layout = {k: getattr(self.dims, k) for k in MESH_DIMS}
-        log.info("model: %.2fM params, layout %s, %d tokens/step, %d steps, peak %.3g TFLOP/s (%s)",
-                 self.n_params / 1e6, "·".join(f"{k}{v}" for k, v in self.layout.items()), self.tokens_per_step,
-                 cfg.train.steps, self.peak.tflops, self.peak.source)
+        log.info("model: %.2fM params, layout %s, %d tokens/step, %d steps, peak %.3g TFLOP/s (%s), "
+                 "MFU in the %s FLOP convention", self.n_params / 1e6,
+                 "·".join(f"{k}{v}" for k, v in self.layout.items()), self.tokens_per_step, cfg.train.steps,
+                 self.peak.tflops, self.peak.source, cfg.metrics.flops_convention)
 
     # -- the loop
 

@@ -94,8 +94,9 @@ ATTENTION.register("s2", lambda cfg, layer_idx: layer_attention(cfg, layer_idx) 
 
 @config_validator
 def validate_s2(cfg: JobConfig) -> None:
-    """model.s2 of an S2 model: the pattern's own checks, the hybrid layers, and a warning (once, here) when
-    the sparse heads cannot cover every stride phase."""
+    """model.s2 of an S2 model: the pattern's own checks, the hybrid layers, a block smaller than the
+    sequence, and warnings (once, here) when the pattern is dense at data.seq_len or the sparse heads
+    cannot cover every stride phase."""
     m = cfg.model
     if m.attention != "s2":
         return
@@ -103,10 +104,23 @@ def validate_s2(cfg: JobConfig) -> None:
     require(m.s2.dense_period >= 0, "model.s2.dense_period", f"must be >= 0 (0: none), got {m.s2.dense_period}")
     require(all(0 <= i < m.n_layers for i in m.s2.dense_layers), "model.s2.dense_layers",
             f"layer indices must be in [0, {m.n_layers}), got {m.s2.dense_layers}")
+    T = cfg.data.seq_len
+    require(m.s2.block_size < T, "model.s2.block_size",
+            f"{m.s2.block_size} >= data.seq_len={T}: one block per sequence makes S2 dense attention; "
+            f"use a block_size below data.seq_len (or model.attention=sdpa)")
+    n_blocks = -(-T // m.s2.block_size)
+    if (pattern.n_sparse_units == 0 or m.s2.vert_stride == 1
+            or (n_blocks <= m.s2.local_blocks + 1 and pattern.attended_fraction(T) == 1.0)):
+        warnings.warn(f"S2 pattern is dense at data.seq_len={T}: model.s2.local_blocks={m.s2.local_blocks} x "
+                      f"model.s2.block_size={m.s2.block_size}, vert_stride={m.s2.vert_stride}, num_dense_heads="
+                      f"{m.s2.num_dense_heads} read every block; training runs dense attention at S2's cost.",
+                      stacklevel=2)
     if not pattern.covers_context:
-        warnings.warn(f"S2 pattern: {pattern.n_sparse_units} sparse KV heads cannot cover all {pattern.vert_stride} "
-                      f"stride phases; far context is only partly visible. Use model.s2.vert_stride <= "
-                      f"{pattern.n_sparse_units} or more KV heads.", stacklevel=2)
+        phases = len({p for p in pattern.unit_phase if p >= 0})
+        warnings.warn(f"S2 pattern: {pattern.n_sparse_units} sparse KV heads (stride step "
+                      f"max(1, vert_stride // n_heads)) cannot cover all {pattern.vert_stride} stride phases, only "
+                      f"{phases}; far context is only partly visible. Use a smaller model.s2.vert_stride or more "
+                      f"KV heads.", stacklevel=2)
 
 
 def attended_fraction(cfg: ModelConfig, seq_len: int) -> float:

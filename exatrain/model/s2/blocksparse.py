@@ -54,14 +54,13 @@ def blocksparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat
     if n_dense == len(units) or -(-q.shape[2] // pattern.block_size) <= pattern.local_blocks:
         # Every causal block pair is attended: the pattern is dense causal attention.
         return sdpa_attention(q, k, v, doc_ids=doc_ids, scale=scale, head_offset=head_offset)
-    G = pattern.group
-    sparse = _BlockSparse.apply(q[:, n_dense * G:], k[:, n_dense:], v[:, n_dense:], doc_ids, phases[n_dense:],
-                                scale, pattern)
+    G, ns = pattern.group, len(units) - n_dense  # dense units are the last ones
+    sparse = _BlockSparse.apply(q[:, :ns * G], k[:, :ns], v[:, :ns], doc_ids, phases[:ns], scale, pattern)
     if n_dense == 0:
         return sparse
-    dense = sdpa_attention(q[:, :n_dense * G], k[:, :n_dense], v[:, :n_dense], doc_ids=doc_ids, scale=scale,
-                           head_offset=head_offset)
-    return torch.cat([dense, sparse], dim=1)
+    dense = sdpa_attention(q[:, ns * G:], k[:, ns:], v[:, ns:], doc_ids=doc_ids, scale=scale,
+                           head_offset=head_offset + ns * G)
+    return torch.cat([sparse, dense], dim=1)
 
 
 def local_group(pattern: S2Pattern) -> int:

@@ -70,8 +70,8 @@ class S2LayerCache:
     def __init__(self, pattern: S2Pattern, units: range, batch: int, head_dim: int, max_len: int, dtype, device):
         self.pattern = pattern
         phases = [pattern.unit_phase[u] for u in units]
-        self.n_dense = sum(p < 0 for p in phases)
-        self.phases = torch.tensor(phases[self.n_dense:], device=device)
+        self.n_dense = sum(p < 0 for p in phases)  # the last units
+        self.phases = torch.tensor(phases[:len(phases) - self.n_dense], device=device)
         bs, L, V = pattern.block_size, pattern.local_blocks, pattern.vert_stride
         self.bs, self.L, self.V = bs, L, V
         self.window = min(L, -(-max_len // bs)) * bs
@@ -90,23 +90,24 @@ class S2LayerCache:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
                scale: float, head_offset: int):
         _single_sequence(doc_ids)
-        T, nd, G = q.shape[2], self.n_dense, self.pattern.group
+        T, ns, G = q.shape[2], len(self.far_count), self.pattern.group
         if self.length + T > self.max_len:
             raise ValueError(f"KV cache is full: {self.length} + {T} tokens exceed max_len={self.max_len}")
         if self.length == 0:
             out = S2Attention(self.pattern)(q, k, v, doc_ids=None, scale=scale, head_offset=head_offset)
             if self.dense is not None:
-                self.dense.store(k[:, :nd], v[:, :nd])
-            self._fill(k[:, nd:], v[:, nd:])
+                self.dense.store(k[:, ns:], v[:, ns:])
+            self._fill(k[:, :ns], v[:, :ns])
             self.length = T
             return out
         if T != 1:
             raise ValueError("the S2 KV cache takes the whole prompt first, then one token per step")
         parts = []
-        if self.dense is not None:
-            parts.append(self.dense.attend(q[:, :nd * G], k[:, :nd], v[:, :nd], scale=scale, head_offset=head_offset))
         if self.far_count:
-            parts.append(self._decode(q[:, nd * G:], k[:, nd:], v[:, nd:], scale))
+            parts.append(self._decode(q[:, :ns * G], k[:, :ns], v[:, :ns], scale))
+        if self.dense is not None:
+            parts.append(self.dense.attend(q[:, ns * G:], k[:, ns:], v[:, ns:], scale=scale,
+                                           head_offset=head_offset + ns * G))
         self.length += 1
         return torch.cat(parts, dim=1)
 

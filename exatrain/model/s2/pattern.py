@@ -1,16 +1,23 @@
 """The S2-Attention sparsity pattern (DESIGN.md §4).
 
-Tokens are grouped into blocks of `block_size`. Query block q of head h may read key block k iff
-k <= q and either k is one of the `local_blocks` most recent blocks or k is on the head's
-vertical stride: (k + s*step + OFFSET) % vert_stride == 0, with s the head's index among the
-sparse heads and step = max(1, vert_stride // n_sparse). Heads start their strides at
-different offsets, so the heads together still read every block of the context.
+Tokens are grouped into blocks of `block_size`. Query block q of KV group h may read key block k
+iff k <= q and either k is one of the `local_blocks` most recent blocks or k is on the group's
+vertical stride: (k + h*step + head_sliding_offset) % vert_stride == 0, with
+step = max(1, vert_stride // n_heads) over the *query* heads. Groups start their strides at
+different phases, so the heads together read every block of the context when there are enough.
 
-The pattern is defined per *unit*: one unit per KV head. Under GQA all query heads of a KV
-group share their KV head's pattern, so each KV head needs only its own strided blocks; that
-is what lets the decode-time cache drop the others (kv_cache.py). Heads keep their global
-index when tensor parallelism shards them, so a rank's local heads read the rows of the
-pattern that belong to their global heads.
+This is the authors' DKernel `get_sparse_attn_mask` (dkernel/utils.py) block for block:
+- under GQA the phase is per KV group (DKernel's loop over `num_kv_heads`), not per query head as
+  in vLLM's copy of the function (which has no GQA); without GQA the two agree;
+- the dense heads are the *last* KV groups; `num_dense_heads` counts query heads here (a multiple of
+  the group size), DKernel's counts KV heads: ours // group;
+- `homo_head` gives every head group 0's pattern and admits no dense heads (DKernel asserts this);
+- `head_sliding_offset` defaults to DKernel's 0 (head 0 reads block 0); vLLM and Phi-3-small use 1.
+
+The pattern is defined per *unit*: one unit per KV head, so each KV head needs only its own
+strided blocks; that is what lets the decode-time cache drop the others (kv_cache.py). Heads keep
+their global index when tensor parallelism shards them, so a rank's local heads read the rows of
+the pattern that belong to their global heads.
 """
 
 from __future__ import annotations
@@ -22,10 +29,6 @@ import torch
 
 from exatrain.config import ConfigError, ModelConfig
 
-# Stride phase of sparse unit 0: its strided blocks are the last of every `vert_stride` group
-# (blocks V-1, 2V-1, ...), the convention of the Phi-3-small / DKernel release of the pattern.
-OFFSET = 1
-
 
 @dataclass(frozen=True)
 class S2Pattern:
@@ -36,6 +39,7 @@ class S2Pattern:
     n_kv_heads: int = 0
     homo_head: bool = False
     num_dense_heads: int = 0
+    head_sliding_offset: int = 0
 
     def __post_init__(self) -> None:
         """The one validation of the pattern's parameters (config validation builds a pattern to run it)."""
@@ -54,17 +58,23 @@ class S2Pattern:
             raise ConfigError(f"model.s2.num_dense_heads must be in [0, n_heads={self.n_heads}] and a multiple of "
                               f"the GQA group size {self.group} (dense heads are whole KV groups), "
                               f"got {self.num_dense_heads}")
+        if self.homo_head and self.num_dense_heads:
+            raise ConfigError(f"model.s2.num_dense_heads={self.num_dense_heads} needs model.s2.homo_head=false: "
+                              f"a homogeneous pattern has no dense heads (as in DKernel)")
+        if self.head_sliding_offset < 0:
+            raise ConfigError(f"model.s2.head_sliding_offset must be >= 0, got {self.head_sliding_offset}")
 
     @property
     def covers_context(self) -> bool:
         """Whether the sparse heads together read every stride phase, i.e. every far block (DESIGN.md §4)."""
-        return self.homo_head or self.n_sparse_units == 0 or self.n_sparse_units >= self.vert_stride
+        sparse = {p for p in self.unit_phase if p >= 0}
+        return self.homo_head or not sparse or len(sparse) == self.vert_stride
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> S2Pattern:
         s = cfg.s2
         return cls(s.block_size, s.local_blocks, s.vert_stride, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads,
-                   s.homo_head, s.num_dense_heads)
+                   s.homo_head, s.num_dense_heads, s.head_sliding_offset)
 
     @property
     def group(self) -> int:
@@ -80,14 +90,12 @@ class S2Pattern:
 
     @cached_property
     def unit_phase(self) -> tuple[int, ...]:
-        """Per KV head: the residue r with strided blocks k % vert_stride == r, or -1 for a dense unit."""
+        """Per KV head: the residue r with strided blocks k % vert_stride == r, or -1 for a dense unit
+        (the last `n_dense_units`)."""
         V = self.vert_stride
-        step = max(1, V // max(1, self.n_sparse_units))
-        phases = []
-        for u in range(self.n_kv_heads):
-            s = u - self.n_dense_units
-            phases.append(-1 if s < 0 else (-(0 if self.homo_head else s * step) - OFFSET) % V)
-        return tuple(phases)
+        step = 0 if self.homo_head else max(1, V // self.n_heads)
+        return tuple(-1 if u >= self.n_sparse_units else -(u * step + self.head_sliding_offset) % V
+                     for u in range(self.n_kv_heads))
 
     def local_units(self, head_offset: int, n_local_heads: int) -> range:
         """Global KV-head indices of a rank holding query heads [head_offset, head_offset + n_local_heads)."""

@@ -310,8 +310,16 @@ def test_yaml_top_level_must_be_a_mapping(tmp_path, text, kind):
         assert str(exc.value) == f"{path}: the top level must be a mapping of keys (key: value), got a {kind}"
 
 
-def test_local_cluster_has_no_fixed_password_and_stays_on_localhost():
-    script = (REPO / "slurm" / "local-cluster.sh").read_text()
-    assert "exatrain-local" not in script and "DB_PASS=" not in script.replace("DB_PASS=$(", "")
-    assert "--bind-address=127.0.0.1" in script and "NoInAddrAny" in script
-    subprocess.run(["bash", "-n", str(REPO / "slurm" / "local-cluster.sh")], check=True)
+def test_local_cluster_has_a_random_private_password_and_stays_on_localhost(tmp_path):
+    script = REPO / "slurm" / "local-cluster.sh"
+    text = script.read_text()
+    assert "exatrain-local" not in text and "StoragePass=$db_pass" in text
+    assert "--bind-address=127.0.0.1" in text and "CommunicationParameters=NoInAddrAny" in text
+
+    def password(name: str) -> str:  # the script's own db_password function, on a scratch state file
+        code = f'eval "$(sed -n "/^db_password() {{/,/^}}/p" {script})"; DB_PASS_FILE={tmp_path / name}; db_password'
+        return subprocess.run(["bash", "-c", code], capture_output=True, text=True, check=True).stdout
+
+    first = password("a")
+    assert len(first) >= 20 and password("a") == first and password("b") != first
+    assert mode(tmp_path / "a") == 0o600

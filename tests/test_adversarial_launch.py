@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,34 @@ def test_local_cluster_has_a_random_private_password_and_stays_on_localhost(tmp_
     first = password("a")
     assert len(first) >= 20 and password("a") == first and password("b") != first
     assert mode(tmp_path / "a") == 0o600
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_scontrol_requeue_is_followed_and_the_requeued_job_takes_over_its_lock(slurm_cluster, tmp_path, monkeypatch):
+    """A running job requeued by the controller (as after a node failure) is killed without releasing its
+    run lock; its next attempt takes the lock over and finishes, and --wait reports it completed."""
+    for key, value in (("EXATRAIN_CACHE", str(tmp_path / "cache")), ("OMP_NUM_THREADS", "1"),
+                       ("PYTHONPATH", str(REPO))):
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(REPO)
+    run_dir = tmp_path / "run"
+    cfg = load_config("tiny.yaml", [f"run_dir={run_dir}", *TINY, "metrics.peak_tflops=1", "train.steps=40",
+                                    "checkpoint.every=0", "train.global_batch=8", "train.micro_batch=4",
+                                    "launch.cluster=local", "launch.tasks_per_node=1"])
+    (job,) = submit(prepare(cfg))
+    try:
+        metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 240
+        while time.monotonic() < deadline and len(metrics.read_text().splitlines() if metrics.exists() else []) < 3:
+            time.sleep(0.2)
+        held = json.loads((run_dir / LOCK_FILE).read_text())
+        assert held["job_id"] == job.job_id and held["restart"] == 0
+        subprocess.run(["scontrol", "requeue", job.job_id], check=True, capture_output=True)
+        states: list[str] = []
+        (result,) = wait([job], timeout_s=300, on_state=lambda run, state: states.append(state))
+    finally:
+        subprocess.run(["scancel", job.job_id], capture_output=True)
+    assert result.status == "completed" and result.step == 40, states
+    err = (run_dir / "logs" / f"{job.job_id}_0_log.err").read_text()
+    assert "restart 0" in err and "restart 1" in err
+    assert not (run_dir / LOCK_FILE).exists()

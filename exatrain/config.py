@@ -597,7 +597,8 @@ def validate(cfg: JobConfig) -> None:
     require(t.micro_batch > 0 and t.global_batch > 0, "train.micro_batch", "batch sizes must be positive")
     require(t.global_batch % t.micro_batch == 0, "train.global_batch",
             f"{t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}")
-    require(t.eval_batches >= 1, "train.eval_batches", f"must be >= 1 (the final evaluation uses it), got {t.eval_batches}")
+    require(t.eval_batches >= 1, "train.eval_batches",
+            f"must be >= 1 (the final evaluation uses it), got {t.eval_batches}")
     require(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = evaluate at the end only), got {t.eval_every}")
     require(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
     require(cfg.metrics.peak_tflops >= 0, "metrics.peak_tflops", "must be >= 0 (0 = look up or measure)")

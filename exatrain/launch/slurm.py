@@ -180,7 +180,8 @@ def render_sbatch(plan: SlurmPlan, folder: Path, python: str, array_size: int = 
     if plan.setup:
         lines += ["", "# setup", *plan.setup]
     srun = shlex.join(["srun", "--unbuffered", "--output", stdout, "--error", stderr, *plan.srun])
-    lines += ["", "# command", "export SUBMITIT_EXECUTOR=slurm", f"{srun} {python} -u -m submitit.core._submit {shlex.quote(str(folder))}", ""]
+    command = f"{srun} {python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    lines += ["", "# command", "export SUBMITIT_EXECUTOR=slurm", command, ""]
     return "\n".join(lines)
 
 

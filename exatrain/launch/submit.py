@@ -286,8 +286,8 @@ def wait(runs: Sequence[SubmittedRun], poll_s: float = 2.0, timeout_s: float | N
     """Block until every run has finished; return their TrainResults (rank 0's) in order.
 
     Requeued jobs (preemption, time limit, node failure) are waited through: the queue is asked before
-    a job is reported. Raises JobFailed with a report for
-    every run that failed, was cancelled, or ended without a result."""
+    a job is reported. Raises JobFailed with a report for every run that failed, was cancelled, or
+    ended without a result."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     states: dict[str, str] = {}
     pending = list(runs)

@@ -51,8 +51,13 @@ def hold(run_dir: Path, pid: int, host: str | None = None, job_id: str = "", res
 # --- one run per run directory -----------------------------------------------------------------
 
 
-def test_lock_refuses_a_live_holder_then_takes_over_once_it_died(tmp_path, sleeper, monkeypatch):
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+@pytest.fixture(autouse=True)
+def outside_slurm(monkeypatch):
+    for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_lock_refuses_a_live_holder_then_takes_over_once_it_died(tmp_path, sleeper):
     path = hold(tmp_path, sleeper.pid)
     with pytest.raises(RunDirLocked, match=rf"run_dir {tmp_path} is in use by another run: pid {sleeper.pid} on "
                                            rf"{socket.gethostname()}, .*kill {sleeper.pid}.*delete {path}"):
@@ -80,7 +85,6 @@ def test_lock_left_by_a_sigkilled_run_is_taken_over(tmp_path):
 
 @pytest.mark.parametrize("state, taken", [("RUNNING", False), ("PENDING", False), ("", True)])
 def test_lock_of_a_slurm_job_on_another_node(tmp_path, monkeypatch, state, taken):
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     monkeypatch.setattr(runlock, "queue_state", lambda job: state)
     hold(tmp_path, 4242, host="node9", job_id="123")
     if taken:
@@ -90,16 +94,23 @@ def test_lock_of_a_slurm_job_on_another_node(tmp_path, monkeypatch, state, taken
         acquire(tmp_path)
 
 
-def test_requeued_job_takes_over_its_own_lock(tmp_path, monkeypatch):
-    monkeypatch.setattr(runlock, "queue_state", lambda job: "RUNNING")
-    hold(tmp_path, 4242, host="node9", job_id="123", restart=0)
+@pytest.mark.parametrize("array", [False, True])
+def test_requeued_job_takes_over_its_own_lock(tmp_path, monkeypatch, array):
+    asked = []
+    monkeypatch.setattr(runlock, "queue_state", lambda job: asked.append(job) or "RUNNING")
+    job = "97_0" if array else "123"  # an array task is named ARRAYID_TASK (its SLURM_JOB_ID may be 97)
+    hold(tmp_path, 4242, host="node9", job_id=job, restart=0)
     monkeypatch.setenv("SLURM_JOB_ID", "124")
-    with pytest.raises(RunDirLocked, match="Slurm job 123 \\(RUNNING\\)"):  # another job: refused
+    with pytest.raises(RunDirLocked, match=rf"Slurm job {job} \(RUNNING\).*scancel {job}"):  # another job: refused
         acquire(tmp_path)
-    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    assert asked == [job]
+    monkeypatch.setenv("SLURM_JOB_ID", "97" if array else "123")
+    if array:
+        monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "97")
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     lock = acquire(tmp_path)
-    assert lock.record["job_id"] == "123" and lock.record["restart"] == 1
+    assert lock.record["job_id"] == job and lock.record["restart"] == 1
     lock.release()
 
 

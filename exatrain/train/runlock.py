@@ -51,8 +51,17 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
 
+def _slurm_job() -> str:
+    """This process's Slurm job as squeue and scancel name it: an array task as ARRAYID_TASK (its plain
+    SLURM_JOB_ID can equal the array's id, which squeue answers for every task)."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID", "")
+
+
 def _me() -> dict[str, Any]:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "job_id": os.environ.get("SLURM_JOB_ID", ""),
+    return {"pid": os.getpid(), "host": socket.gethostname(), "job_id": _slurm_job(),
             "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0),
             "started": datetime.datetime.now().isoformat(timespec="seconds")}
 

@@ -366,3 +366,9 @@ def test_scontrol_requeue_is_followed_and_the_requeued_job_takes_over_its_lock(s
     err = (run_dir / "logs" / f"{job.job_id}_0_log.err").read_text()
     assert "restart 0" in err and "restart 1" in err
     assert not (run_dir / LOCK_FILE).exists()
+
+
+def test_unwritable_run_dir_is_a_lock_refusal(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunDirLocked, match=f"run_dir {tmp_path / 'file' / 'run'}: cannot take its lock: "):
+        runlock.hold_run_dir(tmp_path / "file" / "run", rank=0)

@@ -167,6 +167,8 @@ def hold_run_dir(run_dir: Path | str, rank: int) -> RunLock | None:
             lock = acquire(run_dir)
         except RunDirLocked as exc:
             error = str(exc)
+        except OSError as exc:  # e.g. a run_dir that cannot be created: the other ranks must hear of it too
+            error = f"run_dir {run_dir}: cannot take its lock: {exc}"
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [error]
         dist.broadcast_object_list(box, src=0)

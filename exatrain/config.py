@@ -17,6 +17,7 @@ Layout checks that need the world size live in exatrain.parallel.dims and run wh
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,10 +108,10 @@ class MecoConfig:
 class DataConfig:
     """paths: JSONL ({"text", "url", ...}) or plain-text files (one document each), .gz too, or directories
     of them; empty = the embedded default corpus (exatrain.data.documents). cache_dir: trained
-    tokenizers and tokenized arrays (default $EXATRAIN_CACHE, else ~/.cache/exatrain)."""
+    tokenizers and tokenized arrays ("" = $EXATRAIN_CACHE, else ~/.cache/exatrain)."""
 
     paths: list[str] = field(default_factory=list)
-    cache_dir: str = "${oc.env:EXATRAIN_CACHE,'~/.cache/exatrain'}"
+    cache_dir: str = ""
     seq_len: int = 256
     val_fraction: float = 0.05
     shuffle_seed: int = 1234
@@ -460,7 +461,33 @@ def split_config_args(args: list[str]) -> tuple[str, list[str]]:
     return DEFAULT_CONFIG, list(args)
 
 
+def load_yaml_mapping(path: str | Path) -> Any:
+    """A YAML file whose top level is a mapping of keys, as an OmegaConf node."""
+    top = yaml.safe_load(Path(path).read_text())  # OmegaConf.load turns a bare word into a key
+    if top is not None and not isinstance(top, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (key: value), got a {type(top).__name__}")
+    return OmegaConf.load(path)
+
+
+def _env_keys(node: Any, prefix: str = "") -> list[str]:
+    """Keys whose unresolved value reads the environment (${oc.env:...})."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    out = []
+    for key, value in items:
+        if isinstance(value, (dict, list)):
+            out += _env_keys(value, f"{prefix}{key}.")
+        elif isinstance(value, str) and "oc.env:" in value:
+            out.append(f"{prefix}{key}")
+    return out
+
+
 def _to_object(merged: Any, source: str) -> JobConfig:
+    # ${oc.env:...} would copy environment values (tokens, passwords) into the run directory's
+    # config.yaml and every checkpoint's meta.json; a value meant for the config goes in as an override.
+    env = _env_keys(OmegaConf.to_container(merged, resolve=False))
+    if env:
+        raise ConfigError(f"{', '.join(env)}{source}: ${{oc.env:...}} is not supported, since config values are "
+                          "saved in the run directory; pass the value as an override (key=$VAR) instead")
     try:
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
@@ -474,7 +501,7 @@ def parse_config(path: str | Path | None = None, overrides: list[str] | None = N
     merged = OmegaConf.structured(JobConfig)
     try:
         if path is not None:
-            merged = OmegaConf.merge(merged, OmegaConf.load(_resolve_path(path)))
+            merged = OmegaConf.merge(merged, load_yaml_mapping(_resolve_path(path)))
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:
@@ -501,7 +528,8 @@ def resolve_config(cfg: JobConfig) -> JobConfig:
     importing the job's plugins; resolving a resolved config changes nothing."""
     cfg = _to_object(OmegaConf.structured(cfg), "")
     load_plugins(cfg.plugins)
-    cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser())
+    cache = cfg.data.cache_dir or os.environ.get("EXATRAIN_CACHE") or "~/.cache/exatrain"
+    cfg.data.cache_dir = str(Path(cache).expanduser())
     for resolve in RESOLVERS:
         resolve(cfg)
     return cfg
@@ -571,11 +599,15 @@ def validate(cfg: JobConfig) -> None:
     require(o.lr > 0, "optim.lr", "must be positive")
     require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)")
     require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     t = cfg.train
     require(t.steps > 0, "train.steps", "must be positive")
     require(t.micro_batch > 0 and t.global_batch > 0, "train.micro_batch", "batch sizes must be positive")
     require(t.global_batch % t.micro_batch == 0, "train.global_batch",
             f"{t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}")
+    require(t.eval_batches >= 1, "train.eval_batches",
+            f"must be >= 1 (the final evaluation uses it), got {t.eval_batches}")
+    require(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = evaluate at the end only), got {t.eval_every}")
     require(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
     require(cfg.metrics.peak_tflops >= 0, "metrics.peak_tflops", "must be >= 0 (0 = look up or measure)")
     c = cfg.checkpoint
@@ -586,6 +618,7 @@ def validate(cfg: JobConfig) -> None:
     for key in ("tp", "pp", "dp_shard", "dp_replicate"):
         require(getattr(p, key) == -1 or getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1 or -1 (infer)")
     require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "must be 1, 2 or 3")
+    require(p.timeout_s > 0, "parallel.timeout_s", f"must be > 0 seconds, got {p.timeout_s}")
     if t.stop_signal:
         require(t.stop_signal in signal.Signals.__members__, "train.stop_signal",
             f"{t.stop_signal!r} is not a signal name (e.g. SIGUSR2), or '' for none")

@@ -12,7 +12,13 @@
 # started directly and stopped by the PID in its pid file. All steps are idempotent, and up/down
 # hold a lock so concurrent callers (two test sessions) do not race; daemons are started with the
 # lock's descriptor closed so they do not keep holding it. Runs as root.
+#
+# Exposure: MariaDB and every slurmd listen on 127.0.0.1 only (CommunicationParameters=NoInAddrAny);
+# slurmctld and slurmdbd cannot be bound to an address in Slurm 22.05 and listen on all interfaces,
+# but accept only messages signed with this machine's munge key (random, mode 0400). The database
+# password is random, made at the first `up` and kept in $STATE/db-password (mode 0600).
 set -euo pipefail
+shopt -s lastpipe  # `... | write_managed` records what changed in this shell, not in a subshell
 
 STATE=${EXATRAIN_SLURM_STATE:-/var/lib/exatrain-slurm}
 CONF=/etc/slurm/slurm.conf
@@ -22,7 +28,7 @@ NODES=(node1 node2 node3 node4)
 CPUS_PER_NODE=${EXATRAIN_SLURM_CPUS:-4}
 SLURMD_BASE_PORT=17000
 MARK="# managed by exatrain slurm/local-cluster.sh"
-DB_PASS=exatrain-local
+DB_PASS_FILE=$STATE/db-password
 PACKAGES=(slurm-wlm slurmctld slurmd slurm-client slurmdbd munge mariadb-server)
 
 log() { echo "[local-cluster] $*" >&2; }
@@ -96,13 +102,25 @@ write_managed() {  # write_managed PATH MODE: stdin -> PATH, refusing to overwri
     rm -f "$tmp"
     die "$1 exists and was not written by this script; move it away to use the local test cluster"
   fi
-  if ! cmp -s "$tmp" "$1" 2>/dev/null; then install -m "$2" "$tmp" "$1"; fi
+  if ! cmp -s "$tmp" "$1" 2>/dev/null; then
+    install -m "$2" "$tmp" "$1"
+    CHANGED+=("$1")
+  fi
   rm -f "$tmp"
 }
 
+db_password() {  # the database password: random, made once, readable by root only
+  if [ ! -s "$DB_PASS_FILE" ]; then
+    (umask 077; head -c 24 /dev/urandom | base64 | tr -d '/+=\n' > "$DB_PASS_FILE")
+  fi
+  chmod 600 "$DB_PASS_FILE"
+  cat "$DB_PASS_FILE"
+}
+
 write_configs() {
-  local host i
+  local host i db_pass
   host=$(hostname -s)
+  db_pass=$(db_password)
   mkdir -p /etc/slurm "$STATE"/{log,run,ctld} "$STATE"/spool
   for n in "${NODES[@]}"; do mkdir -p "$STATE/spool/$n"; done
   # Node names must resolve (the rank bootstrap uses the first node as the master address).
@@ -120,6 +138,8 @@ SlurmctldPort=6817
 AuthType=auth/munge
 # Requeued jobs wait for the job credential to expire before they may start again.
 AuthInfo=cred_expire=10
+# Daemons other than slurmctld bind to their node's address (127.0.0.1), not to every interface.
+CommunicationParameters=NoInAddrAny
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$STATE/run/slurmctld.pid
@@ -159,7 +179,7 @@ LogFile=$STATE/log/slurmdbd.log
 StorageType=accounting_storage/mysql
 StorageHost=localhost
 StorageUser=slurm
-StoragePass=$DB_PASS
+StoragePass=$db_pass
 StorageLoc=slurm_acct_db
 EOF
   } | write_managed "$DBD_CONF" 600
@@ -198,13 +218,23 @@ start_mariadb() {
       --innodb-lock-wait-timeout=900 --log-error="$STATE/log/mariadb.log" </dev/null >/dev/null 2>&1 9>&- &
     wait_for 60 mariadbd mariadb-admin --socket=/run/mysqld/mysqld.sock ping
   fi
+  # ALTER as well: a cluster set up before the password was random gets its fixed one replaced.
   mariadb --socket=/run/mysqld/mysqld.sock -e "
-    CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS';
+    CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$(db_password)';
+    ALTER USER 'slurm'@'localhost' IDENTIFIED BY '$(db_password)';
     GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
     FLUSH PRIVILEGES;"
 }
 
+restart_if_reconfigured() {  # restart_if_reconfigured CONF PIDFILE COMM: a daemon reads its config at start only
+  local f
+  for f in "${CHANGED[@]}"; do
+    if [ "$f" = "$1" ]; then stop_pid "$2" "$3"; fi
+  done
+}
+
 start_slurmdbd() {
+  restart_if_reconfigured "$DBD_CONF" "$STATE/run/slurmdbd.pid" slurmdbd
   if ! pid_alive "$STATE/run/slurmdbd.pid" slurmdbd; then
     if [ ! -e "$STATE/ctld/job_state" ]; then
       # A fresh controller numbers jobs from 1 again; old accounting records would share those ids
@@ -221,6 +251,7 @@ start_slurmdbd() {
 }
 
 start_slurmctld() {
+  restart_if_reconfigured "$CONF" "$STATE/run/slurmctld.pid" slurmctld
   if ! pid_alive "$STATE/run/slurmctld.pid" slurmctld; then
     log "starting slurmctld"
     slurmctld 9>&-
@@ -231,6 +262,7 @@ start_slurmctld() {
 start_slurmds() {
   local n
   for n in "${NODES[@]}"; do
+    restart_if_reconfigured "$CONF" "$STATE/run/slurmd-$n.pid" slurmd
     if ! pid_alive "$STATE/run/slurmd-$n.pid" slurmd; then
       log "starting slurmd $n"
       slurmd -N "$n" 9>&-
@@ -256,6 +288,7 @@ cmd_up() {
   exec 9>"$STATE/lock"
   flock 9
   local t0=$SECONDS
+  CHANGED=()
   write_configs
   start_munge
   start_mariadb

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,8 @@ def test_rendered_script_is_what_submitit_submits(tmp_path, cluster, sweep):
                                       "launch.nodes=2", "train.micro_batch=1", "train.global_batch=16"])
     plan = prepare(cfg, sweep[1:])
     n = len(plan.runs) if plan.is_array else None
-    expected = slurm._make_sbatch_string(command=f"{plan.python} -u -m submitit.core._submit {plan.folder}",
+    command = f"{plan.python} -u -m submitit.core._submit {shlex.quote(str(plan.folder))}"
+    expected = slurm._make_sbatch_string(command=command,
                                          folder=plan.folder, map_count=n, **plan.slurm.executor_parameters())
     assert plan.sbatch_script() == expected
 

@@ -32,6 +32,8 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
                    help="job array over the cartesian product, e.g. --sweep optim.lr=1e-4,3e-4 train.seed=1,2,3")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch/srun plan, submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the job(s) and report results or failures")
+    p.add_argument("--force", action="store_true",
+                   help="submit even though the run directory's previous job is still queued or running")
 
 
 def run_launch(path: str, overrides: list[str], args: argparse.Namespace) -> int:
@@ -52,7 +54,7 @@ def run_launch(path: str, overrides: list[str], args: argparse.Namespace) -> int
         print(plan.describe())
         return 0
     try:
-        runs = submit(plan)
+        runs = submit(plan, force=args.force)
     except (FailedJobError, RuntimeError) as exc:
         print(f"exatrain launch: submission failed: {exc}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from exatrain.config import CONFIG_DIR, ConfigError, LaunchConfig
+from exatrain.config import CONFIG_DIR, ConfigError, LaunchConfig, load_yaml_mapping
 
 PROFILE_DIR = CONFIG_DIR / "clusters"
 
@@ -54,7 +54,7 @@ def load_profile(name: str) -> ClusterProfile:
         raise ConfigError(f"launch.cluster: no cluster profile {name!r} (known: {', '.join(profile_names())}; "
                           f"or give a path to a YAML file)")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(ClusterProfile), OmegaConf.load(path))
+        merged = OmegaConf.merge(OmegaConf.structured(ClusterProfile), load_yaml_mapping(path))
         profile: ClusterProfile = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cluster profile {path}: {exc}") from None
@@ -112,11 +112,17 @@ class SlurmPlan:
         return params
 
 
+_VAR_REF = re.compile(r"(\$[A-Za-z_]\w*|\$\{[A-Za-z_]\w*\})", re.ASCII)
+
+
 def _env_line(key: str, value: str) -> str:
-    if not re.fullmatch(r"[A-Za-z_]\w*", key):
+    """`export KEY="value"` where only plain variable references ($SLURM_JOB_ID, ${USER}) expand at job
+    time; every other shell-special character ($(...), backquotes, quotes, backslashes) stays literal."""
+    if not re.fullmatch(r"[A-Za-z_]\w*", key, re.ASCII):
         raise ConfigError(f"cluster profile env: {key!r} is not a valid variable name")
-    # Double quotes keep $VARS (e.g. $SLURM_JOB_ID) expanding at job time.
-    return f'export {key}="{value}"'
+    pieces = _VAR_REF.split(value)  # literal, reference, literal, ...
+    quoted = "".join(p if i % 2 else re.sub(r'([\\"$`])', r"\\\1", p) for i, p in enumerate(pieces))
+    return f'export {key}="{quoted}"'
 
 
 def make_plan(launch: LaunchConfig, job_name: str) -> SlurmPlan:
@@ -174,10 +180,31 @@ def render_sbatch(plan: SlurmPlan, folder: Path, python: str, array_size: int = 
     if plan.setup:
         lines += ["", "# setup", *plan.setup]
     srun = shlex.join(["srun", "--unbuffered", "--output", stdout, "--error", stderr, *plan.srun])
-    lines += ["", "# command", "export SUBMITIT_EXECUTOR=slurm", f"{srun} {python} -u -m submitit.core._submit {folder}", ""]
+    command = f"{srun} {python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    lines += ["", "# command", "export SUBMITIT_EXECUTOR=slurm", command, ""]
     return "\n".join(lines)
 
 
 def requeue(job_id: str) -> None:
     """Put a running job back in the queue; it restarts in a new allocation with the same id."""
     subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True, timeout=60)
+
+
+# A job in one of these states still holds (or will again hold) its run directory: a requeued job
+# (preemption, node failure) goes REQUEUED -> PENDING -> RUNNING under the same id.
+ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
+                           "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"})
+
+
+def queue_state(job_id: str) -> str | None:
+    """The job's state as the controller sees it ("" once it has left the queue), or None when squeue
+    cannot tell (no Slurm on this machine, controller unreachable)."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return "" if "Invalid job id" in out.stderr else None
+    states = out.stdout.split()
+    return next((s for s in states if s in ACTIVE_STATES), states[0] if states else "")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from exatrain.config import JobConfig, to_yaml
+from exatrain.files import write_private
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,17 +53,16 @@ def code_version() -> dict[str, Any]:
 def write_snapshot(run_dir: Path, cfg: JobConfig) -> None:
     d = run_dir / "launch"
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.yaml").write_text(to_yaml(cfg))
+    write_private(d / "config.yaml", to_yaml(cfg))
     version = code_version()
-    (d / "code.json").write_text(json.dumps(version, indent=2) + "\n")
+    write_private(d / "code.json", json.dumps(version, indent=2) + "\n")
     diff = _git("diff", "HEAD", "--binary") if version.get("git", {}).get("commit") else None
     if diff:
-        (d / "code.diff").write_text(diff)
+        write_private(d / "code.diff", diff)
     else:
         (d / "code.diff").unlink(missing_ok=True)
 
 
 def record_submission(run_dir: Path, entry: dict[str, Any]) -> None:
     entry = {"submitted": datetime.datetime.now().isoformat(timespec="seconds"), **entry}
-    with open(run_dir / "launch" / "jobs.jsonl", "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    write_private(run_dir / "launch" / "jobs.jsonl", json.dumps(entry) + "\n", append=True)

@@ -14,6 +14,7 @@ so a requeued array task resumes its own point.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -29,11 +30,15 @@ from submitit.core.utils import pickle_load
 from exatrain.config import ConfigError, JobConfig, finalize_config, to_dict, with_overrides
 from exatrain.launch import snapshot, sweep
 from exatrain.launch.job import TrainJob
-from exatrain.launch.slurm import SlurmPlan, make_plan, render_sbatch
+from exatrain.launch.slurm import ACTIVE_STATES, SlurmPlan, make_plan, queue_state, render_sbatch
 
 
 class JobFailed(RuntimeError):
     """One or more runs did not complete; the message has each failing rank's error and the log paths."""
+
+
+class RunDirBusy(RuntimeError):
+    """A job submitted earlier into the run directory is still queued or running."""
 
 
 @dataclass
@@ -128,8 +133,37 @@ def _link_array_task(plan: LaunchPlan, index: int, run: RunSpec, job: submitit.J
         name.symlink_to(str(index))
 
 
-def submit(plan: LaunchPlan) -> list[SubmittedRun]:
-    """Snapshot code and config into each run directory, then submit one job or one job array."""
+def last_job_id(run_dir: Path) -> str | None:
+    """The job id of the latest submission recorded in run_dir/launch/jobs.jsonl."""
+    try:
+        lines = (run_dir / "launch" / "jobs.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        try:
+            return str(json.loads(line)["job_id"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def check_run_dirs_free(plan: LaunchPlan) -> None:
+    """Refuse to submit into a run directory whose previous job is still queued or running: the two
+    would share its checkpoints (the run lock would stop the second one only once it starts)."""
+    for run in plan.runs:
+        job = last_job_id(run.run_dir)
+        state = queue_state(job) if job else None
+        if state in ACTIVE_STATES:
+            raise RunDirBusy(f"run_dir {run.run_dir}: job {job} submitted into it is still {state} "
+                             f"(launch/jobs.jsonl); wait for it, cancel it (scancel {job}), use another run_dir, "
+                             "or pass --force to queue this one anyway")
+
+
+def submit(plan: LaunchPlan, force: bool = False) -> list[SubmittedRun]:
+    """Snapshot code and config into each run directory, then submit one job or one job array.
+    Raises RunDirBusy when a run directory's previous job is still in the queue, unless `force`."""
+    if not force:
+        check_run_dirs_free(plan)
     for run in plan.runs:
         snapshot.write_snapshot(run.run_dir, run.cfg)
     plan.folder.mkdir(parents=True, exist_ok=True)  # Slurm does not create --output directories
@@ -236,12 +270,24 @@ def failure_report(run: SubmittedRun) -> str:
     return "\n".join(lines)
 
 
+def _requeued_state(run: SubmittedRun) -> str | None:
+    """The queue state of a job that submitit counts as finished without every rank's success, when
+    Slurm has in fact requeued it (NODE_FAIL or PREEMPTED of a --requeue job: submitit keeps the first
+    state it saw as final); None when the job really ended."""
+    outcomes = _rank_outcomes(run.job)
+    if len(outcomes) == run.job.num_tasks and all(o[0] == "success" for o in outcomes.values()):
+        return None
+    state = queue_state(run.job_id)
+    return state if state in ACTIVE_STATES else None
+
+
 def wait(runs: Sequence[SubmittedRun], poll_s: float = 2.0, timeout_s: float | None = None,
          on_state: Callable[[SubmittedRun, str], None] | None = None) -> list[Any]:
     """Block until every run has finished; return their TrainResults (rank 0's) in order.
 
-    Requeued jobs (preemption, time limit) are waited through. Raises JobFailed with a report for
-    every run that failed, was cancelled, or ended without a result."""
+    Requeued jobs (preemption, time limit, node failure) are waited through: the queue is asked before
+    a job is reported. Raises JobFailed with a report for every run that failed, was cancelled, or
+    ended without a result."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     states: dict[str, str] = {}
     pending = list(runs)
@@ -249,11 +295,15 @@ def wait(runs: Sequence[SubmittedRun], poll_s: float = 2.0, timeout_s: float | N
         submitit.SlurmJob.watcher.update()
         for run in list(pending):
             state = run.job.state
+            if run.job.done():
+                requeued = _requeued_state(run)
+                if requeued is None:
+                    pending.remove(run)
+                else:
+                    state = requeued
             if on_state and state != "UNKNOWN" and states.get(run.job_id) != state:  # UNKNOWN: not in sacct yet
                 on_state(run, state)
             states[run.job_id] = state
-            if run.job.done():
-                pending.remove(run)
         if pending:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"jobs still running after {timeout_s} s: "

@@ -34,6 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from exatrain.config import JobConfig, to_dict
+from exatrain.files import write_private
 
 log = logging.getLogger("exatrain")
 
@@ -175,7 +176,7 @@ class Checkpointer:
                 "config": to_dict(self.job),
                 "manifest": _manifest(tmp),
             }
-            (tmp / "meta.json").write_text(json.dumps(record, indent=1))
+            write_private(tmp / "meta.json", json.dumps(record, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)

@@ -32,6 +32,7 @@ from exatrain.config import ConfigError, JobConfig, to_yaml
 from exatrain.data import build_data, split_micro
 from exatrain.data.batch import Batch
 from exatrain.engine import StepStats, build_engine
+from exatrain.files import write_private
 from exatrain.launch.bootstrap import init_distributed
 from exatrain.model.llama import build_model, count_params
 from exatrain.parallel.dims import MESH_DIMS, ParallelDims
@@ -39,6 +40,7 @@ from exatrain.registry import CALLBACKS
 from exatrain.train.callback import Callback
 from exatrain.train.checkpoint import ENGINE, Checkpointer, Stateful, TrainState
 from exatrain.train.metrics import MetricsLogger, peak_memory_bytes, throughput
+from exatrain.train.runlock import hold_run_dir
 from exatrain.train.schedules import build_schedule
 
 log = logging.getLogger("exatrain")
@@ -138,6 +140,7 @@ class Trainer:
         self.dims = ParallelDims.from_config(cfg, self.info.world_size)
         self.mesh = self.dims.build_mesh(self.device.type)
         self.run_dir = Path(cfg.run_dir)
+        self.lock = hold_run_dir(self.run_dir, self.info.rank)  # before anything writes into run_dir
         torch.manual_seed(cfg.train.seed)
 
         self.data = build_data(cfg, self.dims.dp_rank(self.mesh), self.dims.dp_size)
@@ -146,7 +149,7 @@ class Trainer:
                               f"{self.data.tokenizer.vocab_size}; set model.vocab_size=0 to use the tokenizer's")
         if self.info.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            write_private(self.run_dir / "config.yaml", to_yaml(cfg))
 
         self.callbacks = build_callbacks(cfg, callbacks)
         model = build_model(cfg.model)
@@ -291,9 +294,12 @@ class Trainer:
         return signum, signal.SIG_DFL if previous is None else previous
 
     def close(self) -> None:
-        """Flush metrics and give the stop signal back; safe to call on a half-built trainer."""
+        """Flush metrics, give the stop signal back and release run_dir; safe to call on a half-built trainer."""
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None
         if self._previous_handler is not None:
             signal.signal(*self._previous_handler)
             self._previous_handler = None

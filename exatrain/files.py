@@ -1,0 +1,18 @@
+"""Run metadata written readable by its owner only: a run directory often sits on a shared file system,
+and its config, code diff and job records are nobody else's business."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PRIVATE_MODE = 0o600
+
+
+def write_private(path: Path | str, text: str, append: bool = False) -> None:
+    """Write (or append) `text` to `path` with mode 0600, also when the file already existed wider."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, PRIVATE_MODE)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, PRIVATE_MODE)
+        f.write(text)

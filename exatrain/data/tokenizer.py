@@ -104,7 +104,7 @@ def split_text(text: str, max_chars: int = MAX_PIECE_CHARS) -> list[str]:
 
 
 def encode_texts(tokenizer: Tokenizer, texts: Iterable[str], dtype: type[np.integer],
-                 batch_chars: int = _BATCH_CHARS) -> Iterator[np.ndarray]:
+                 batch_chars: int = _BATCH_CHARS, piece_chars: int = MAX_PIECE_CHARS) -> Iterator[np.ndarray]:
     """Each text's ids as an array, in order. Texts are encoded in batches of about `batch_chars` characters and
     long ones in pieces (`split_text`), so memory follows the batch, not the longest document (a 50 MB line
     encoded whole takes gigabytes of tokenizer bookkeeping)."""
@@ -126,7 +126,7 @@ def encode_texts(tokenizer: Tokenizer, texts: Iterable[str], dtype: type[np.inte
             yield arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
     for text in texts:
-        pieces = split_text(text)
+        pieces = split_text(text, piece_chars)
         entry = [len(pieces), []]
         pending.append(entry)
         for piece in pieces:

@@ -75,7 +75,8 @@ class DataStats:
                    bad=Counter(d["bad"]), first_bad=d["first_bad"])
 
     def report(self) -> str:
-        lines = [f"data: {self.documents:,} documents ({self.chars / 1e6:.2f} M chars) from {self.files} file(s)"]
+        chars = f" ({self.chars / 1e6:.2f} M chars)" if self.chars else ""  # token files have no characters
+        lines = [f"data: {self.documents:,} documents{chars} from {self.files} file(s)"]
         if self.bad:
             lines.append(f"  skipped {sum(self.bad.values()):,} bad records:")
             lines += [f"    {reason}: {n:,} (first at {self.first_bad[reason]})" for reason, n in sorted(self.bad.items())]

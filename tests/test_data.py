@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 
 from exatrain.config import ConfigError, JobConfig, TokenizerConfig, finalize_config
 from exatrain.data import Batch, build_data, load_documents
-from exatrain.data.dataset import IGNORE_INDEX
+from exatrain.data.dataset import IGNORE_INDEX, _wait_for_rank0
 from exatrain.data.documents import EMBEDDED_CORPUS, files_digest
 from exatrain.data.tokenizer import (SHIPPED_DIR, Tokenizer, build_tokenizer, byte_tokenizer, encode_texts, split_text,
                                      tokenizer_filename, train_bpe)
@@ -363,6 +363,22 @@ def test_default_job_data(tmp_path: Path):
     assert bundle.tokenizer.vocab_size == cfg.data.tokenizer.vocab_size
     assert bundle.stats.train_tokens > 900_000 and bundle.stats.val_documents > 0
     assert "train:" in bundle.stats.report()
+
+
+def test_waiting_for_rank0_reports_failure_timeout_and_an_unshared_cache(tmp_path: Path, monkeypatch):
+    markers = tmp_path / ".prepare"
+    markers.mkdir()
+    (markers / "run1.started").touch()
+    (markers / "run1.failed").write_text("ValueError: bad.jsonl: no usable documents")
+    with pytest.raises(RuntimeError, match="failed on rank 0: ValueError: bad.jsonl"):
+        _wait_for_rank0(markers, "run1", 10)
+    (markers / "run2.started").touch()
+    with pytest.raises(TimeoutError, match="data.prepare_timeout_s=0.2s"):
+        _wait_for_rank0(markers, "run2", 0.2)
+    monkeypatch.setattr("exatrain.data.dataset._SHARED_GRACE_S", 0.1)
+    assert _wait_for_rank0(markers, "run3", 10) is False, "no 'started' file: prepare on this rank"
+    (markers / "run2.done").touch()
+    assert _wait_for_rank0(markers, "run2", 10) is True
 
 
 SLOW_TOKENIZE_S = 4.0

@@ -101,8 +101,9 @@ def read_index(prefix: str) -> IndexedDataset:
         raise ValueError(f"{bin_}: {size} bytes, but {idx} describes {int(starts[-1])} {dtype.name} tokens "
                          f"({int(starts[-1]) * dtype.itemsize} bytes): truncated or from another index")
     tokens = np.memmap(bin_, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
-    digest = hashlib.sha256(bytes(raw) + str(size).encode()).hexdigest()
-    return IndexedDataset(prefix, tokens, starts[doc_index], digest)
+    digest = hashlib.sha256(raw)
+    digest.update(str(size).encode())
+    return IndexedDataset(prefix, tokens, starts[doc_index], digest.hexdigest())
 
 
 def parse_prefixes(entries: list[str]) -> tuple[list[str], list[float] | None]:
@@ -150,11 +151,12 @@ def max_token_id(ds: IndexedDataset, cache_dir: Path) -> int:
     if cached.is_file():
         return int(json.loads(cached.read_text())["max_token_id"])
     logger.info("data: scanning %s.bin for its largest token id (no %s sidecar)", ds.prefix, SIDECAR)
-    top = -1
+    top, bottom = -1, 0
     for start in range(0, len(ds.tokens), _SCAN_CHUNK):
-        top = max(top, int(ds.tokens[start:start + _SCAN_CHUNK].max()))
-    if len(ds.tokens) and int(ds.tokens.min()) < 0:
-        raise ValueError(f"{ds.prefix}.bin holds negative token ids")
+        chunk = ds.tokens[start:start + _SCAN_CHUNK]
+        top, bottom = max(top, int(chunk.max())), min(bottom, int(chunk.min()))
+    if bottom < 0:
+        raise ValueError(f"{ds.prefix}.bin holds negative token ids ({bottom})")
     _write_atomic(cached, json.dumps({"prefix": ds.prefix, "max_token_id": top}))
     return top
 

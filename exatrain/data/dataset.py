@@ -3,13 +3,15 @@
 Store: every document's text is tokenized once into a flat token file plus document
 offsets, cached under a key over (input bytes, tokenizer, metadata field) and written to a
 temporary directory that is renamed into place, so a crashed or concurrent build never
-leaves a half cache.
+leaves a half cache. Megatron indexed datasets (data.format=megatron) are already tokenized:
+their memory-mapped files are the store, documents numbered across prefixes in order.
 
 Packing: a split's documents are visited in an order shuffled per epoch from
 `data.shuffle_seed`; each is laid out as `<bos> [metadata prefix] text <eos>` and the
 layouts form one endless stream. Row r of the stream is its tokens [r*T, r*T + T], so
 T + 1 tokens give T inputs and their T next-token labels; documents continue across rows
 and epochs, nothing is padded or dropped. A global batch is the next `global_batch` rows.
+Weighted Megatron prefixes replace the per-epoch shuffle by a blended order (`BlendedOrder`).
 Every data-parallel rank walks the same stream and materializes only its own slice of the
 batch, so what a global step sees does not depend on the data-parallel size, and the
 loader state (epoch, position, offset, metadata flags) is global and tiny.
@@ -42,10 +44,10 @@ import torch
 import torch.distributed as dist
 
 from exatrain.config import DataConfig, JobConfig, MecoConfig
-from exatrain.data.megatron import check_tokenizer, parse_prefixes, read_index
 from exatrain.data.batch import IGNORE_INDEX, Batch
 from exatrain.data.documents import DataStats, files_digest, read_documents, resolve_files
 from exatrain.data.meco import MetadataPrefixes, build_prefixes, metadata_value
+from exatrain.data.megatron import check_tokenizer, parse_prefixes, read_index
 from exatrain.data.tokenizer import Tokenizer, build_tokenizer, encode_texts
 
 logger = logging.getLogger("exatrain.data")
@@ -538,7 +540,8 @@ def _blend(store: TokenStore, docs: np.ndarray, weights: list[float], seed: int,
             if not len(group):
                 raise ValueError(f"data.megatron_prefixes: {prefix} has no {split} documents")
     used = [i for i, g in enumerate(groups) if len(g)]
-    lengths = [np.diff(store.offsets)[groups[i]] + 2 for i in used]
+    layout_len = np.diff(store.offsets) + 2  # <bos> text <eos>
+    lengths = [layout_len[groups[i]] for i in used]
     return BlendedOrder([groups[i] for i in used], blend_counts([weights[i] for i in used], lengths), seed)
 
 
@@ -564,10 +567,12 @@ def build_data(cfg: JobConfig, dp_rank: int, dp_size: int, cache_dir: Path | str
     common = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, seq_len=d.seq_len, seed=d.shuffle_seed,
                   document_masking=d.document_masking, dp_rank=dp_rank, dp_size=dp_size)
     weights = parse_prefixes(d.megatron_prefixes)[1] if d.format == "megatron" else None
-    train = PackedLoader(store, train_docs, prefixes, metadata=d.meco.enabled,
-                         order=weights and _blend(store, train_docs, weights, d.shuffle_seed, "training"), **common)
-    val = PackedLoader(store, val_docs, prefixes, order=weights and _blend(store, val_docs, weights, d.shuffle_seed),
-                       **common)
+    train_order = val_order = None
+    if weights:
+        train_order = _blend(store, train_docs, weights, d.shuffle_seed, "training")
+        val_order = _blend(store, val_docs, weights, d.shuffle_seed)
+    train = PackedLoader(store, train_docs, prefixes, metadata=d.meco.enabled, order=train_order, **common)
+    val = PackedLoader(store, val_docs, prefixes, order=val_order, **common)
     stats.train_documents, stats.train_tokens = len(train_docs), train.num_tokens
     stats.val_documents, stats.val_tokens = len(val_docs), val.num_tokens
     logger.info("%s", stats.report())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import os
 import sys
 import time
 from collections import deque
@@ -36,8 +37,11 @@ def load_tokenizer(spec: str) -> Tokenizer:
     return byte_tokenizer() if spec == "byte" else Tokenizer.load(spec)
 
 
-def _init_worker(spec: str) -> None:
+def _init_worker(spec: str, one_thread: bool) -> None:
+    """Pool workers encode with one thread each (N workers = N cores); alone, the tokenizer uses its own threads."""
     global _worker_tokenizer
+    if one_thread:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = load_tokenizer(spec)
 
 
@@ -83,11 +87,11 @@ def prepare(inputs: list[str], output: str, tokenizer_spec: str, workers: int = 
     try:
         if workers > 1:
             # fork: the workers inherit the imports; the parent has not run the tokenizer's thread pool yet
-            pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer_spec,))
+            pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer_spec, True))
             results = _in_order(pool, jobs, 2 * workers)
         else:
             pool = None
-            _init_worker(tokenizer_spec)
+            _init_worker(tokenizer_spec, False)
             results = map(_encode_chunk, jobs)
         try:
             for arrays in results:
@@ -138,6 +142,7 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="output prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.exatrain.json")
     p.add_argument("--tokenizer", required=True,
                    help="tokenizer.json path (the job's data.tokenizer.path), or 'byte'")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="tokenizer processes of one thread each (default 1: one process, the tokenizer's own threads)")
     p.add_argument("--text-key", default="text", help="JSONL field holding the text (default text)")
     p.set_defaults(func=cmd_prepare)

@@ -168,6 +168,9 @@ def test_tokenizer_identity_is_checked(tmp_path: Path):
     cfg = megatron_cfg([str(tmp_path / "bpe-data")], tokenizer=type(JobConfig().data.tokenizer)(
         path=str(tmp_path / "bpe.json")))
     assert build_data(cfg, 0, 1, tmp_path / "cache").tokenizer.digest == bpe.digest
+    Path(tmp_path / "bpe-data.exatrain.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"bpe-data\.exatrain\.json: not an exatrain sidecar"):
+        build_data(cfg, 0, 1, tmp_path / "cache")
 
 
 def test_prepare_cli_writes_what_megatron_core_reads(tmp_path: Path):

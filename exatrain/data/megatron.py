@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exatrain.config import JobConfig
 from exatrain.errors import ConfigError
 from exatrain.registry import config_validator
 
@@ -135,10 +136,12 @@ def read_sidecar(prefix: str) -> dict | None:
         return None
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-        info["tokenizer"]["digest"], info["tokenizer"]["vocab_size"], info["max_token_id"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not an exatrain sidecar ({type(exc).__name__}: {exc}); delete it to treat "
-                         f"{prefix} as foreign data") from None
+        valid = isinstance(info["tokenizer"]["digest"], str) and isinstance(info["max_token_id"], int)
+    except (ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        raise ValueError(f"{path}: not an exatrain sidecar (needs tokenizer.digest and max_token_id); delete it "
+                         f"to treat {prefix} as data made elsewhere")
     return info
 
 
@@ -232,7 +235,7 @@ def write_sidecar(prefix: str, info: dict) -> None:
 
 
 @config_validator
-def validate_megatron(cfg) -> None:
+def validate_megatron(cfg: JobConfig) -> None:
     """data.format=megatron: prefixes given, readable and consistent; the text-only options off."""
     d = cfg.data
     if d.format != "megatron":

@@ -111,6 +111,9 @@ class DataConfig:
     tokenizers and tokenized arrays ("" = $EXATRAIN_CACHE, else ~/.cache/exatrain)."""
 
     paths: list[str] = field(default_factory=list)
+    format: str = "text"  # text: data.paths, tokenized and cached here; megatron: data.megatron_prefixes
+    megatron_prefixes: list[str] = field(default_factory=list)  # "PREFIX" or "WEIGHT PREFIX" (.bin/.idx pairs)
+    prepare_timeout_s: float = 86400.0  # how long other ranks wait for rank 0 to tokenize (not parallel.timeout_s)
     cache_dir: str = ""
     seq_len: int = 256
     val_fraction: float = 0.05
@@ -424,6 +427,7 @@ DEFAULT_CONFIG = "tiny.yaml"
 
 # Fixed enumerations; keys whose values name registered components are checked against the registries.
 _CHOICES = {
+    "data.format": ("text", "megatron"),
     "data.tokenizer.kind": ("bpe", "byte"),
     "train.dtype": ("fp32", "bf16", "bf16_params"),
     "train.activation_checkpointing": ("none", "selective", "full"),
@@ -593,6 +597,7 @@ def validate(cfg: JobConfig) -> None:
     require(d.seq_len <= cfg.model.max_seq_len, "data.seq_len",
             f"{d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     require(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+    require(d.prepare_timeout_s > 0, "data.prepare_timeout_s", "must be positive")
     require(d.tokenizer.vocab_size >= 259 or d.tokenizer.kind == "byte", "data.tokenizer.vocab_size",
             "a BPE vocabulary needs at least 259 entries (256 bytes + special tokens)")
     o = cfg.optim

@@ -24,6 +24,7 @@ T = TypeVar("T")
 
 BUILTIN_PLUGINS = (
     "exatrain.data.tokenizer",
+    "exatrain.data.megatron",
     "exatrain.model.llama",
     "exatrain.model.attention",
     "exatrain.model.s2",

@@ -7,20 +7,25 @@ import json
 import os
 import pickle
 import random
+import time
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from exatrain.config import JobConfig, TokenizerConfig, finalize_config
+from exatrain.config import ConfigError, JobConfig, TokenizerConfig, finalize_config
 from exatrain.data import Batch, build_data, load_documents
-from exatrain.data.dataset import IGNORE_INDEX
+from exatrain.data.dataset import IGNORE_INDEX, _wait_for_rank0
 from exatrain.data.documents import EMBEDDED_CORPUS, files_digest
-from exatrain.data.tokenizer import SHIPPED_DIR, Tokenizer, build_tokenizer, byte_tokenizer, tokenizer_filename, train_bpe
+from exatrain.data.tokenizer import (SHIPPED_DIR, Tokenizer, build_tokenizer, byte_tokenizer, encode_texts, split_text,
+                                     tokenizer_filename, train_bpe)
 
 WORDS = "the of and packed sequence token model data shard rank epoch loss gradient attention".split()
 SITES = ["www.example.org", "docs.example.com:8443", "blog.example.net"]
@@ -164,6 +169,34 @@ def test_bpe_training_is_deterministic_and_cached(tmp_path: Path, monkeypatch):
     assert list(tmp_path.glob("*.tmp")) == []
 
 
+def test_a_file_that_is_not_a_tokenizer_is_named(tmp_path: Path):
+    junk = tmp_path / "junk.json"
+    junk.write_text('{"not": "a tokenizer"}')
+    with pytest.raises(ValueError, match=r"junk\.json is not a tokenizer\.json"):
+        Tokenizer.load(junk)
+    cfg = JobConfig()
+    cfg.data.tokenizer.path = str(junk)
+    with pytest.raises(ConfigError, match=r"data\.tokenizer\.path: .*junk\.json is not a tokenizer"):
+        finalize_config(cfg)
+    plain = tmp_path / "plain.json"
+    plain.write_text(HFTokenizer(models.BPE()).to_str())
+    with pytest.raises(ValueError, match=r"plain\.json: tokenizer lacks the special tokens"):
+        Tokenizer.load(plain)
+
+
+def test_long_texts_are_encoded_in_pieces_with_the_same_ids():
+    """A huge single-line document is encoded in bounded pieces (memory) to exactly the whole text's ids."""
+    rng = random.Random(0)
+    text = "".join(rng.choice(WORDS) + rng.choice([" ", " ", "  ", "\n", ", "]) for _ in range(400))
+    pieces = split_text(text, 100)
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 100 and len(pieces) > 20
+    assert [len(p) for p in split_text("a" * 250, 100)] == [100, 100, 50]
+    for tok in (byte_tokenizer(), train_bpe([r["text"] for r in synthetic_records(200)], 300)):
+        texts = ["short one", text, "", "x " * 90]
+        got = list(encode_texts(tok, texts, np.int32, batch_chars=150, piece_chars=100))
+        assert [g.tolist() for g in got] == [tok.encode(t) for t in texts]
+
+
 # --------------------------------------------------------------------------- packing
 
 
@@ -305,6 +338,21 @@ def test_caches_are_reused_and_tokens_match(corpus: Path, tmp_path: Path):
     assert store.tokens[store.offsets[5]:store.offsets[6]].tolist() == bundle.tokenizer.encode(text)
 
 
+def test_a_damaged_token_cache_is_named_and_rebuilt(corpus: Path, tmp_path: Path, caplog):
+    cache = tmp_path / "cache"
+    first = build_data(make_cfg([corpus]), 0, 1, cache).train.next_batch(8)
+    (store,) = cache.glob("tokens-*")
+    for damage, message in ((lambda: os.truncate(store / "tokens.bin", 100), "tokens.bin has 100 bytes"),
+                            (lambda: (store / "index.npz").unlink(), "index.npz")):
+        damage()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="exatrain.data"):
+            again = build_data(make_cfg([corpus]), 0, 1, cache)
+        assert f"token cache {store}" in caplog.text and message in caplog.text and "rebuilding" in caplog.text
+        assert_batches_equal(again.train.next_batch(8), first)
+    assert [p.name for p in cache.iterdir() if p.name.startswith(("tokens-", ".tokens-"))] == [store.name]
+
+
 def test_default_job_data(tmp_path: Path):
     """The default config: embedded corpus and shipped tokenizer, no training."""
     cfg = JobConfig()
@@ -317,18 +365,52 @@ def test_default_job_data(tmp_path: Path):
     assert "train:" in bundle.stats.report()
 
 
+def test_waiting_for_rank0_reports_failure_timeout_and_an_unshared_cache(tmp_path: Path, monkeypatch):
+    markers = tmp_path / ".prepare"
+    markers.mkdir()
+    (markers / "run1.started").touch()
+    (markers / "run1.failed").write_text("ValueError: bad.jsonl: no usable documents")
+    with pytest.raises(RuntimeError, match="failed on rank 0: ValueError: bad.jsonl"):
+        _wait_for_rank0(markers, "run1", 10)
+    (markers / "run2.started").touch()
+    with pytest.raises(TimeoutError, match="data.prepare_timeout_s=0.2s"):
+        _wait_for_rank0(markers, "run2", 0.2)
+    monkeypatch.setattr("exatrain.data.dataset._SHARED_GRACE_S", 0.1)
+    assert _wait_for_rank0(markers, "run3", 10) is False, "no 'started' file: prepare on this rank"
+    (markers / "run2.done").touch()
+    assert _wait_for_rank0(markers, "run2", 10) is True
+
+
+SLOW_TOKENIZE_S = 4.0
+COLLECTIVE_TIMEOUT_S = 1.5
+
+
 def _distributed_worker(rank: int, init_file: str, data: str, cache: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    """Rank 0's tokenizer is slower than the process group's collective timeout (the old rank-0-prepares-
+    inside-a-broadcast scheme timed out here); the other rank waits on rank 0's marker files instead."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
+        if rank == 0:
+            encode_batch = Tokenizer.encode_batch
+
+            def slow(self, texts):
+                time.sleep(SLOW_TOKENIZE_S)
+                return encode_batch(self, texts)
+
+            Tokenizer.encode_batch = slow
         cfg = make_cfg([Path(data)])
         cfg.data.tokenizer.kind, cfg.data.tokenizer.vocab_size = "bpe", 300
+        start = time.monotonic()
         bundle = build_data(cfg, rank, 2, Path(cache))
-        result = {"tokens": bundle.train.next_batch(8).tokens.tolist(), "vocab": bundle.tokenizer.vocab_size}
+        result = {"tokens": bundle.train.next_batch(8).tokens.tolist(), "vocab": bundle.tokenizer.vocab_size,
+                  "seconds": time.monotonic() - start}
         cfg.data.paths = [data + ".missing"]
         try:
             build_data(cfg, rank, 2, Path(cache))
         except Exception as exc:
             result["error"] = f"{type(exc).__name__}: {exc}"
+        dist.barrier()  # the group survived the long preparation
         Path(out, f"{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -339,11 +421,13 @@ def _distributed_worker(rank: int, init_file: str, data: str, cache: str, out: s
 
 @pytest.mark.slow
 def test_distributed_rank0_builds_and_failures_propagate(corpus: Path, tmp_path: Path):
-    """Rank 0 trains the tokenizer and tokenizes; rank 1 reads the caches; a rank-0 error reaches rank 1."""
+    """Rank 0 trains the tokenizer and tokenizes, slower than the collective timeout; rank 1 waits for its
+    marker file, then reads the caches; a rank-0 error reaches rank 1."""
     cache = tmp_path / "cache"
     mp.spawn(_distributed_worker, args=(str(tmp_path / "init"), str(corpus), str(cache), str(tmp_path)), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
     assert len(list(cache.glob("tokenizer-*.json"))) == 1 and len(list(cache.glob("tokens-*"))) == 1
+    assert r1["seconds"] > SLOW_TOKENIZE_S > COLLECTIVE_TIMEOUT_S, "rank 1 outwaited the collective timeout"
     cfg = make_cfg([corpus])
     cfg.data.tokenizer.kind, cfg.data.tokenizer.vocab_size = "bpe", 300
     single = build_data(cfg, 0, 1, cache).train.next_batch(8).tokens.tolist()

@@ -3,13 +3,15 @@
 Store: every document's text is tokenized once into a flat token file plus document
 offsets, cached under a key over (input bytes, tokenizer, metadata field) and written to a
 temporary directory that is renamed into place, so a crashed or concurrent build never
-leaves a half cache.
+leaves a half cache. Megatron indexed datasets (data.format=megatron) are already tokenized:
+their memory-mapped files are the store, documents numbered across prefixes in order.
 
 Packing: a split's documents are visited in an order shuffled per epoch from
 `data.shuffle_seed`; each is laid out as `<bos> [metadata prefix] text <eos>` and the
 layouts form one endless stream. Row r of the stream is its tokens [r*T, r*T + T], so
 T + 1 tokens give T inputs and their T next-token labels; documents continue across rows
 and epochs, nothing is padded or dropped. A global batch is the next `global_batch` rows.
+Weighted Megatron prefixes replace the per-epoch shuffle by a blended order (`BlendedOrder`).
 Every data-parallel rank walks the same stream and materializes only its own slice of the
 batch, so what a global step sees does not depend on the data-parallel size, and the
 loader state (epoch, position, offset, metadata flags) is global and tiny.
@@ -31,6 +33,8 @@ import logging
 import os
 import shutil
 import time
+import uuid
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +47,13 @@ from exatrain.config import DataConfig, JobConfig, MecoConfig
 from exatrain.data.batch import IGNORE_INDEX, Batch
 from exatrain.data.documents import DataStats, files_digest, read_documents, resolve_files
 from exatrain.data.meco import MetadataPrefixes, build_prefixes, metadata_value
-from exatrain.data.tokenizer import Tokenizer, build_tokenizer
+from exatrain.data.megatron import check_tokenizer, parse_prefixes, read_index
+from exatrain.data.tokenizer import Tokenizer, build_tokenizer, encode_texts
 
 logger = logging.getLogger("exatrain.data")
 
 _CACHE_VERSION = 1
-_ENCODE_CHUNK = 1024  # documents per tokenizer call
+_PROGRESS_S = 30.0  # seconds between progress lines of a long tokenization or wait
 
 
 # --------------------------------------------------------------------------- store
@@ -85,25 +90,23 @@ def _write_store(directory: Path, files: list[Path], tokenizer: Tokenizer, meco:
     meta_index: list[int] = []
     file_index = {path: i for i, path in enumerate(files)}
 
-    def flush(chunk: list) -> None:
-        for ids in tokenizer.encode_batch([d.text for d in chunk]):
-            out.write(np.asarray(ids, dtype=dtype).tobytes())
-            offsets.append(offsets[-1] + len(ids))
-        for d in chunk:
+    def texts() -> Iterator[str]:
+        for d in read_documents(files, stats):
             hashes.append(_text_hash(d.text))
             doc_file.append(file_index[d.path])
             doc_line.append(d.line)
             value = metadata_value(meco, d.meta.get(meco.field))
             meta_index.append(-1 if value is None else values.setdefault(value, len(values)))
-        chunk.clear()
+            yield d.text
 
+    last_report = time.monotonic()
     with open(directory / "tokens.bin", "wb") as out:
-        chunk: list = []
-        for doc in read_documents(files, stats):
-            chunk.append(doc)
-            if len(chunk) == _ENCODE_CHUNK:
-                flush(chunk)
-        flush(chunk)
+        for ids in encode_texts(tokenizer, texts(), dtype):
+            out.write(ids.tobytes())
+            offsets.append(offsets[-1] + len(ids))
+            if time.monotonic() - last_report > _PROGRESS_S:
+                last_report = time.monotonic()
+                logger.info("data: tokenized %d documents (%d tokens) so far", len(offsets) - 1, offsets[-1])
     np.savez(directory / "index.npz", offsets=np.asarray(offsets, dtype=np.int64),
              hashes=np.asarray(hashes, dtype=np.uint64), doc_file=np.asarray(doc_file, dtype=np.int32),
              doc_line=np.asarray(doc_line, dtype=np.int64), meta_index=np.asarray(meta_index, dtype=np.int32))
@@ -112,13 +115,25 @@ def _write_store(directory: Path, files: list[Path], tokenizer: Tokenizer, meco:
 
 
 def _read_store(directory: Path, key: str, files: list[Path]) -> TokenStore:
-    info = json.loads((directory / "info.json").read_text(encoding="utf-8"))
-    index = np.load(directory / "index.npz")
+    """The cache in `directory`; a missing, truncated or inconsistent part is a ValueError naming it."""
+    try:
+        info = json.loads((directory / "info.json").read_text(encoding="utf-8"))
+        with np.load(directory / "index.npz") as index:
+            arrays = {name: index[name] for name in ("offsets", "hashes", "doc_file", "doc_line", "meta_index")}
+        dtype = np.dtype(info["dtype"])
+        size = (directory / "tokens.bin").stat().st_size
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"token cache {directory} is unreadable ({type(exc).__name__}: {exc})") from None
+    n_docs = len(arrays["offsets"]) - 1
+    if size != int(arrays["offsets"][-1]) * dtype.itemsize:
+        raise ValueError(f"token cache {directory}: tokens.bin has {size} bytes, its index expects "
+                         f"{int(arrays['offsets'][-1]) * dtype.itemsize} (truncated)")
+    if any(len(arrays[name]) != n_docs for name in ("hashes", "doc_file", "doc_line", "meta_index")):
+        raise ValueError(f"token cache {directory}: index.npz arrays disagree on the document count")
     return TokenStore(
-        tokens=np.memmap(directory / "tokens.bin", dtype=np.dtype(info["dtype"]), mode="r"),
-        offsets=index["offsets"], hashes=index["hashes"], doc_file=index["doc_file"], doc_line=index["doc_line"],
-        files=[str(f) for f in files], meta_values=info["meta_values"], meta_index=index["meta_index"],
-        stats=DataStats.from_dict(info["stats"]), key=key,
+        tokens=np.memmap(directory / "tokens.bin", dtype=dtype, mode="r") if size else np.zeros(0, dtype),
+        files=[str(f) for f in files], meta_values=info["meta_values"],
+        stats=DataStats.from_dict(info["stats"]), key=key, **arrays,
     )
 
 
@@ -129,8 +144,15 @@ def load_store(files: list[Path], data_digest: str, tokenizer: Tokenizer, meco: 
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_dir / f"tokens-{key}"
     if directory.is_dir():
-        logger.info("data: using cached tokens %s", directory)
-        return _read_store(directory, key, files)
+        try:
+            store = _read_store(directory, key, files)
+            logger.info("data: using cached tokens %s", directory)
+            return store
+        except ValueError as exc:
+            logger.warning("data: %s; rebuilding it", exc)
+            aside = cache_dir / f".tokens-{key}.{os.getpid()}.corrupt.tmp"
+            directory.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
     start = time.perf_counter()
     tmp = cache_dir / f".tokens-{key}.{os.getpid()}.tmp"
     tmp.mkdir(parents=True)
@@ -147,6 +169,54 @@ def load_store(files: list[Path], data_digest: str, tokenizer: Tokenizer, meco: 
     logger.info("data: tokenized %d documents (%d tokens) in %.1fs -> %s",
                 len(store.offsets) - 1, len(store.tokens), time.perf_counter() - start, directory)
     return store
+
+
+class _ConcatTokens:
+    """Several token files read as one sequence, for slices that stay inside one file (a document's)."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, window: slice) -> np.ndarray:
+        i = min(int(np.searchsorted(self.starts, window.start, side="right")) - 1, len(self.parts) - 1)
+        return self.parts[i][window.start - self.starts[i]:window.stop - self.starts[i]]
+
+
+def _index_hashes(digest: str, n: int) -> np.ndarray:
+    """splitmix64 of (file digest + document number): a Megatron document's stand-in for a content hash,
+    stable for the same files, without reading the tokens."""
+    z = np.arange(n, dtype=np.uint64) + np.uint64(int(digest[:16], 16))
+    z = (z + np.uint64(0x9E3779B97F4A7C15))
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def load_megatron_store(prefixes: list[str], tokenizer: Tokenizer, cache_dir: Path) -> TokenStore:
+    """Megatron indexed datasets as one store (documents numbered across prefixes in order), after the
+    tokenizer identity check (exatrain.data.megatron)."""
+    datasets = [read_index(p) for p in prefixes]
+    for ds in datasets:
+        check_tokenizer(ds, tokenizer.digest, tokenizer.vocab_size, cache_dir)
+    counts = [len(ds.offsets) - 1 for ds in datasets]
+    tokens = datasets[0].tokens if len(datasets) == 1 else _ConcatTokens([ds.tokens for ds in datasets])
+    starts = np.concatenate([[0], np.cumsum([len(ds.tokens) for ds in datasets])])
+    offsets = np.concatenate([ds.offsets[:-1] + start for ds, start in zip(datasets, starts)] + [starts[-1:]])
+    key = hashlib.sha256(json.dumps({"megatron": [ds.digest for ds in datasets], "tokenizer": tokenizer.digest})
+                         .encode()).hexdigest()[:16]
+    n = sum(counts)
+    return TokenStore(
+        tokens=tokens, offsets=offsets.astype(np.int64),
+        hashes=np.concatenate([_index_hashes(ds.digest, c) for ds, c in zip(datasets, counts)]),
+        doc_file=np.repeat(np.arange(len(datasets), dtype=np.int32), counts),
+        doc_line=np.concatenate([np.arange(c, dtype=np.int64) for c in counts]),
+        files=list(prefixes), meta_values=[], meta_index=np.full(n, -1, dtype=np.int32),
+        stats=DataStats(files=len(prefixes), documents=n), key=key,
+    )
 
 
 def split_documents(hashes: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -166,6 +236,56 @@ def split_documents(hashes: np.ndarray, val_fraction: float) -> tuple[np.ndarray
 
 
 # --------------------------------------------------------------------------- packing
+
+
+class ShuffledOrder:
+    """Every document of the split once per epoch, in an order shuffled per epoch."""
+
+    def __init__(self, docs: np.ndarray, seed: int):
+        self.docs, self.seed, self.size = docs, seed, len(docs)
+        self.identity = docs.tobytes()
+
+    def epoch(self, epoch: int) -> np.ndarray:
+        return self.docs[np.random.default_rng([self.seed, epoch]).permutation(self.size)]
+
+
+class BlendedOrder:
+    """Weighted sources (Megatron prefixes) interleaved by exact document counts.
+
+    An epoch has as many documents as the split; source i provides `counts[i]` of them, drawn in turn from its
+    own endless stream (its documents shuffled anew each time it runs out), at positions shuffled per epoch.
+    A source with more than its natural share repeats documents, one with less reaches all of its documents
+    over several epochs. `blend_counts` turns token weights into these counts.
+    """
+
+    def __init__(self, groups: list[np.ndarray], counts: list[int], seed: int):
+        self.groups, self.counts, self.seed, self.size = groups, counts, seed, sum(counts)
+        self.identity = b"".join(g.tobytes() for g in groups) + np.asarray(counts, dtype=np.int64).tobytes()
+
+    def epoch(self, epoch: int) -> np.ndarray:
+        slots = np.random.default_rng([self.seed, epoch]).permutation(
+            np.repeat(np.arange(len(self.groups)), self.counts))
+        out = np.empty(self.size, dtype=np.int64)
+        for i, (docs, count) in enumerate(zip(self.groups, self.counts)):
+            draws = epoch * count + np.arange(count)  # how many documents this source gave before each one
+            rounds, picks = draws // len(docs), np.empty(count, dtype=np.int64)
+            for r in np.unique(rounds):
+                perm = np.random.default_rng([self.seed, i, int(r)]).permutation(len(docs))
+                picks[rounds == r] = docs[perm[draws[rounds == r] % len(docs)]]
+            out[slots == i] = picks
+        return out
+
+
+def blend_counts(weights: list[float], doc_tokens: list[np.ndarray]) -> list[int]:
+    """Documents per epoch from each source, so that each source's share of the tokens is its weight (up to
+    document-length variation): count_i proportional to weight_i / mean tokens per document_i, summing to the
+    split's document count (largest remainders), at least one each."""
+    total = sum(len(t) for t in doc_tokens)
+    shares = np.array([w / t.mean() for w, t in zip(weights, doc_tokens)])
+    exact = shares / shares.sum() * total
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(counts - exact)[:total - counts.sum()]] += 1
+    return [max(1, int(c)) for c in counts]
 
 
 @dataclass
@@ -189,9 +309,10 @@ class PackedLoader:
 
     def __init__(self, store: TokenStore, docs: np.ndarray, prefixes: MetadataPrefixes | None, *,
                  bos_id: int, eos_id: int, seq_len: int, seed: int, document_masking: bool,
-                 dp_rank: int, dp_size: int, metadata: bool = False):
+                 dp_rank: int, dp_size: int, metadata: bool = False, order: BlendedOrder | None = None):
         self.store = store
         self.docs = docs
+        self.order = order or ShuffledOrder(docs, seed)
         self.prefixes = prefixes
         self.seq_len = seq_len
         self.seed = seed
@@ -202,7 +323,7 @@ class PackedLoader:
         self._eos = np.array([eos_id], dtype=np.int64)
         self._text_len = np.diff(store.offsets)
         self._orders: dict[int, np.ndarray] = {}
-        self.fingerprint = hashlib.sha256(store.key.encode() + docs.tobytes()).hexdigest()[:16]
+        self.fingerprint = hashlib.sha256(store.key.encode() + self.order.identity).hexdigest()[:16]
         self.state = PackerState()
         self.set_metadata(metadata)
 
@@ -242,7 +363,7 @@ class PackedLoader:
         restored = PackerState(**{f.name: state[f.name] for f in dataclasses.fields(PackerState)})
         if (restored.metadata or restored.doc_metadata) and self.prefixes is None:
             raise ValueError("data loader state has metadata on but data.meco.enabled is false")
-        if not (0 <= restored.index < len(self.docs) and 0 <= restored.offset
+        if not (0 <= restored.index < self.order.size and 0 <= restored.offset
                 and restored.offset < self._layout_len(self._doc_at(restored), restored.doc_metadata)):
             raise ValueError(f"data loader state out of range: {state}")
         self.state = restored
@@ -253,11 +374,11 @@ class PackedLoader:
         if epoch not in self._orders:
             if len(self._orders) >= 2:
                 self._orders.pop(min(self._orders))
-            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.docs))
+            self._orders[epoch] = self.order.epoch(epoch)
         return self._orders[epoch]
 
     def _doc_at(self, state: PackerState) -> int:
-        return int(self.docs[self._order(state.epoch)[state.index]])
+        return int(self._order(state.epoch)[state.index])
 
     def _layout_len(self, doc: int, metadata: bool) -> int:
         prefix = int(self.prefixes.lengths[doc]) if metadata else 0
@@ -277,7 +398,7 @@ class PackedLoader:
                 state.index += 1
                 state.offset = 0
                 state.doc_metadata = state.metadata
-                if state.index == len(self.docs):
+                if state.index == self.order.size:
                     state.epoch += 1
                     state.index = 0
 
@@ -333,6 +454,9 @@ class DataBundle:
 
 
 def _prepare(cfg: DataConfig, cache_dir: Path) -> tuple[Tokenizer, TokenStore]:
+    if cfg.format == "megatron":
+        tokenizer = build_tokenizer(cfg.tokenizer, (), "", cache_dir)  # a path or bytes (validated): never trained
+        return tokenizer, load_megatron_store(parse_prefixes(cfg.megatron_prefixes)[0], tokenizer, cache_dir)
     files = resolve_files(cfg.paths)
     digest = files_digest(files)
     texts = (doc.text for doc in read_documents(files, DataStats()))  # consumed only if a BPE must be trained
@@ -340,23 +464,86 @@ def _prepare(cfg: DataConfig, cache_dir: Path) -> tuple[Tokenizer, TokenStore]:
     return tokenizer, load_store(files, digest, tokenizer, cfg.meco, cache_dir)
 
 
+_MARKERS = ".prepare"  # under data.cache_dir: rank 0's "started", "done" and "failed" files for the other ranks
+_MARKER_LIFETIME_S = 7 * 86400
+_SHARED_GRACE_S = 60.0  # no "started" file by then: this rank does not share rank 0's cache directory
+
+
+def _wait_for_rank0(markers: Path, run: str, timeout_s: float) -> bool:
+    """Poll for rank 0's outcome of preparation run `run`: True when done; raises its error, or on timeout.
+    False when its "started" file never appears (data.cache_dir is not shared): the caller prepares itself."""
+    begin = last_report = time.monotonic()
+    delay = 0.05
+    while True:
+        waited = time.monotonic() - begin
+        if (markers / f"{run}.failed").is_file():
+            raise RuntimeError(f"data preparation failed on rank 0: {(markers / f'{run}.failed').read_text()}")
+        if (markers / f"{run}.done").is_file():
+            return True
+        if waited > _SHARED_GRACE_S and not (markers / f"{run}.started").is_file():
+            logger.warning("data: rank 0 has not started preparing in %s after %.0fs: the cache directory is "
+                           "not shared; preparing on this rank", markers.parent, waited)
+            return False
+        if waited > timeout_s:
+            raise TimeoutError(f"data: rank 0 did not finish preparing the data within data.prepare_timeout_s="
+                               f"{timeout_s:g}s (markers in {markers}); prepare it beforehand "
+                               f"(`exatrain data prepare`) or raise the timeout")
+        if time.monotonic() - last_report > _PROGRESS_S:
+            last_report = time.monotonic()
+            logger.info("data: waiting for rank 0 to prepare the data (%.0fs of data.prepare_timeout_s=%gs)",
+                        waited, timeout_s)
+        time.sleep(delay)
+        delay = min(2 * delay, 1.0)
+
+
 def _prepare_once(cfg: DataConfig, cache_dir: Path) -> tuple[Tokenizer, TokenStore]:
-    """Under torch.distributed, rank 0 builds the caches and the others then read them."""
+    """Under torch.distributed, rank 0 builds the caches and the others then read them.
+
+    Tokenizing a real corpus takes longer than any collective timeout (parallel.timeout_s), so the other ranks
+    do not wait inside a collective: one quick broadcast names this preparation, then they poll for rank 0's
+    "done" or "failed" file under data.cache_dir, logging progress, bounded by data.prepare_timeout_s.
+    """
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return _prepare(cfg, cache_dir)
-    prepared, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            prepared = _prepare(cfg, cache_dir)
-        except Exception as exc:  # re-raised below, after telling the other ranks
-            error = exc
-    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
-    dist.broadcast_object_list(outcome, src=0)
-    if error is not None:
-        raise error
-    if outcome[0] is not None:
-        raise RuntimeError(f"data preparation failed on rank 0: {outcome[0]}")
-    return prepared or _prepare(cfg, cache_dir)
+    run = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(run, src=0)
+    markers = cache_dir / _MARKERS
+    if dist.get_rank() != 0:
+        _wait_for_rank0(markers, run[0], cfg.prepare_timeout_s)
+        return _prepare(cfg, cache_dir)
+    markers.mkdir(parents=True, exist_ok=True)
+    for old in markers.iterdir():
+        if time.time() - old.stat().st_mtime > _MARKER_LIFETIME_S:
+            old.unlink(missing_ok=True)
+    (markers / f"{run[0]}.started").touch()
+    try:
+        prepared = _prepare(cfg, cache_dir)
+    except Exception as exc:  # re-raised after telling the other ranks
+        _write_marker(markers / f"{run[0]}.failed", f"{type(exc).__name__}: {exc}")
+        raise
+    _write_marker(markers / f"{run[0]}.done", "")
+    return prepared
+
+
+def _write_marker(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _blend(store: TokenStore, docs: np.ndarray, weights: list[float], seed: int,
+           split: str | None = None) -> BlendedOrder:
+    """The weighted order over a split's documents of each prefix; a prefix with none is an error for `split`
+    (training), else left out of the blend (a small prefix may have no validation document)."""
+    groups = [docs[store.doc_file[docs] == i] for i in range(len(weights))]
+    if split is not None:
+        for prefix, group in zip(store.files, groups):
+            if not len(group):
+                raise ValueError(f"data.megatron_prefixes: {prefix} has no {split} documents")
+    used = [i for i, g in enumerate(groups) if len(g)]
+    layout_len = np.diff(store.offsets) + 2  # <bos> text <eos>
+    lengths = [layout_len[groups[i]] for i in used]
+    return BlendedOrder([groups[i] for i in used], blend_counts([weights[i] for i in used], lengths), seed)
 
 
 def build_data(cfg: JobConfig, dp_rank: int, dp_size: int, cache_dir: Path | str | None = None) -> DataBundle:
@@ -380,8 +567,13 @@ def build_data(cfg: JobConfig, dp_rank: int, dp_size: int, cache_dir: Path | str
                              f"documents with '{d.meco.field}' metadata")
     common = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, seq_len=d.seq_len, seed=d.shuffle_seed,
                   document_masking=d.document_masking, dp_rank=dp_rank, dp_size=dp_size)
-    train = PackedLoader(store, train_docs, prefixes, metadata=d.meco.enabled, **common)
-    val = PackedLoader(store, val_docs, prefixes, **common)
+    weights = parse_prefixes(d.megatron_prefixes)[1] if d.format == "megatron" else None
+    train_order = val_order = None
+    if weights:
+        train_order = _blend(store, train_docs, weights, d.shuffle_seed, "training")
+        val_order = _blend(store, val_docs, weights, d.shuffle_seed)
+    train = PackedLoader(store, train_docs, prefixes, metadata=d.meco.enabled, order=train_order, **common)
+    val = PackedLoader(store, val_docs, prefixes, order=val_order, **common)
     stats.train_documents, stats.train_tokens = len(train_docs), train.num_tokens
     stats.val_documents, stats.val_tokens = len(val_docs), val.num_tokens
     logger.info("%s", stats.report())

@@ -75,7 +75,8 @@ class DataStats:
                    bad=Counter(d["bad"]), first_bad=d["first_bad"])
 
     def report(self) -> str:
-        lines = [f"data: {self.documents:,} documents ({self.chars / 1e6:.2f} M chars) from {self.files} file(s)"]
+        chars = f" ({self.chars / 1e6:.2f} M chars)" if self.chars else ""  # token files have no characters
+        lines = [f"data: {self.documents:,} documents{chars} from {self.files} file(s)"]
         if self.bad:
             lines.append(f"  skipped {sum(self.bad.values()):,} bad records:")
             lines += [f"    {reason}: {n:,} (first at {self.first_bad[reason]})" for reason, n in sorted(self.bad.items())]
@@ -136,7 +137,7 @@ def _utf8(text: str) -> bool:
     return True
 
 
-def _parse_jsonl_line(raw: bytes, path: Path, line: int, stats: DataStats) -> Document | None:
+def _parse_jsonl_line(raw: bytes, path: Path, line: int, stats: DataStats, text_key: str) -> Document | None:
     origin = f"{path}:{line}"
     try:
         decoded = raw.decode("utf-8")
@@ -151,10 +152,10 @@ def _parse_jsonl_line(raw: bytes, path: Path, line: int, stats: DataStats) -> Do
     if not isinstance(record, dict):
         stats.count_bad("not_an_object", origin)
         return None
-    if "text" not in record:
+    if text_key not in record:
         stats.count_bad("missing_text", origin)
         return None
-    text = record["text"]
+    text = record[text_key]
     if not isinstance(text, str):
         stats.count_bad("text_not_string", origin)
         return None
@@ -165,11 +166,11 @@ def _parse_jsonl_line(raw: bytes, path: Path, line: int, stats: DataStats) -> Do
         stats.count_bad("invalid_utf8", origin)
         return None
     meta = {k: str(v) for k, v in record.items()
-            if k != "text" and isinstance(v, (str, int, float, bool)) and _utf8(str(v))}
+            if k != text_key and isinstance(v, (str, int, float, bool)) and _utf8(str(v))}
     return Document(text, meta, path, line)
 
 
-def _read_file(path: Path, stats: DataStats) -> Iterator[Document]:
+def _read_file(path: Path, stats: DataStats, text_key: str) -> Iterator[Document]:
     if path.name.endswith(TEXT_SUFFIXES):
         with _open(path) as f:
             data = f.read()
@@ -182,7 +183,7 @@ def _read_file(path: Path, stats: DataStats) -> Iterator[Document]:
             if lineno == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte-order mark
             if raw.strip():
-                doc = _parse_jsonl_line(raw, path, lineno, stats)
+                doc = _parse_jsonl_line(raw, path, lineno, stats, text_key)
                 if doc is not None:
                     yield doc
 
@@ -200,8 +201,9 @@ def _parse_text(data: bytes, path: Path, stats: DataStats) -> Document | None:
     return Document(text, {}, path, 1)
 
 
-def read_documents(files: list[Path], stats: DataStats) -> Iterator[Document]:
-    """Stream documents from `files`, counting into `stats`; raises on unreadable or all-bad files."""
+def read_documents(files: list[Path], stats: DataStats, text_key: str = "text") -> Iterator[Document]:
+    """Stream documents from `files` (JSONL text under `text_key`), counting into `stats`; raises on unreadable
+    or all-bad files."""
     for path in files:
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {path}")
@@ -209,7 +211,7 @@ def read_documents(files: list[Path], stats: DataStats) -> Iterator[Document]:
         bad_before = Counter(stats.bad)
         kept = 0
         try:
-            for doc in _read_file(path, stats):
+            for doc in _read_file(path, stats, text_key):
                 kept += 1
                 stats.documents += 1
                 stats.chars += len(doc.text)

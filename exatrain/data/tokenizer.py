@@ -16,9 +16,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -70,7 +72,73 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
-        return cls(HFTokenizer.from_file(str(path)))
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a plain Exception for any bad file
+            raise ValueError(f"{path} is not a tokenizer.json of the `tokenizers` library: {exc}") from None
+        try:
+            return cls(backend)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+
+MAX_PIECE_CHARS = 1 << 20  # a longer text is encoded in pieces of about this size
+_BATCH_CHARS = 1 << 22  # characters per encode_batch call
+
+
+def split_text(text: str, max_chars: int = MAX_PIECE_CHARS) -> list[str]:
+    """Consecutive pieces of at most `max_chars` characters, cut where a byte-level pre-tokenizer splits anyway
+    (a space between two non-space characters), so their encodings concatenate to the whole text's; a run of
+    `max_chars` without such a space is cut hard."""
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        cut = text.rfind(" ", start + 1, end)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Iterable[str], dtype: type[np.integer],
+                 batch_chars: int = _BATCH_CHARS, piece_chars: int = MAX_PIECE_CHARS) -> Iterator[np.ndarray]:
+    """Each text's ids as an array, in order. Texts are encoded in batches of about `batch_chars` characters and
+    long ones in pieces (`split_text`), so memory follows the batch, not the longest document (a 50 MB line
+    encoded whole takes gigabytes of tokenizer bookkeeping)."""
+    pending: deque[list] = deque()  # [pieces not yet encoded, encoded arrays] per text not yet yielded
+    batch: list[str] = []
+    owners: list[list] = []
+    chars = 0
+
+    def run() -> None:
+        for entry, ids in zip(owners, tokenizer.encode_batch(batch)):
+            entry[0] -= 1
+            entry[1].append(np.asarray(ids, dtype=dtype))
+        batch.clear()
+        owners.clear()
+
+    def finished() -> Iterator[np.ndarray]:
+        while pending and pending[0][0] == 0:
+            arrays = pending.popleft()[1]
+            yield arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+    for text in texts:
+        pieces = split_text(text, piece_chars)
+        entry = [len(pieces), []]
+        pending.append(entry)
+        for piece in pieces:
+            batch.append(piece)
+            owners.append(entry)
+            chars += len(piece)
+            if chars >= batch_chars:
+                run()
+                chars = 0
+                yield from finished()
+    run()
+    yield from finished()
 
 
 def _byte_level(model: models.Model) -> HFTokenizer:

@@ -34,6 +34,7 @@ BUILTIN_PLUGINS = (
     "exatrain.eval.eigenscore_run",
     "exatrain.train.precision",
     "exatrain.train.stability",
+    "exatrain.train.guard",
     "exatrain.engine.native",
     "exatrain.engine.deepspeed",
 )

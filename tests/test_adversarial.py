@@ -35,7 +35,7 @@ from exatrain.train.checkpoint import (
     read_state,
     verify,
 )
-from helpers import TINY, env, losses
+from helpers import TINY, env, losses, run as run_cmd, torchrun_cmd
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = [*TINY, "train.steps=8", "checkpoint.keep=5"]
@@ -259,6 +259,21 @@ def test_cli_train_exits_non_zero_on_a_corrupt_checkpoint(run, capsys):
     assert cli.main(["train", "tiny.yaml", *BASE, f"run_dir={run}", "train.steps=10"]) == 1
     assert "blake2b checksum" in capsys.readouterr().err
     assert_intact(run, 4)
+
+
+@pytest.mark.slow
+def test_dp2_checkpoint_checksums_every_rank_file(tmp_path, cache):
+    """Each rank checksums its own shards; the gathered manifest covers them all, and a flipped byte in rank 1's
+    shard is caught on load with the file named."""
+    run_cmd(torchrun_cmd(2, tmp_path, "train.steps=4", "checkpoint.every=0"), cache, timeout=300)
+    ckpt = step_dir(tmp_path, 4)
+    manifest = json.loads((ckpt / "meta.json").read_text())["manifest"]
+    assert {"__0_0.distcp", "__1_0.distcp", "rank_0.pt", "rank_1.pt", ".metadata"} <= manifest.keys()
+    assert all(file_digest(ckpt / name) == entry["blake2b"] for name, entry in manifest.items())
+    assert_intact(tmp_path, 4)
+    flip_byte(ckpt / "__1_0.distcp")
+    with pytest.raises(CheckpointError, match="__1_0.distcp does not match its blake2b checksum"):
+        verify(ckpt)
 
 
 # ---------------------------------------------------------------- 4. atomic re-save and honest resume

@@ -135,9 +135,26 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _manifest(path: Path) -> dict[str, dict[str, Any]]:
-    return {str(f.relative_to(path)): {"bytes": f.stat().st_size, "blake2b": file_digest(f)}
-            for f in sorted(path.rglob("*")) if f.is_file()}
+def _manifest(path: Path, files: list[Path] | None = None) -> dict[str, dict[str, Any]]:
+    """Size and checksum of `files` (default: every file under `path`), keyed by path relative to it."""
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if files is None else files
+    return {str(f.relative_to(path)): {"bytes": f.stat().st_size, "blake2b": file_digest(f)} for f in files}
+
+
+def _gathered_manifest(path: Path) -> dict[str, dict[str, Any]] | None:
+    """The whole checkpoint's manifest on rank 0 (None elsewhere): each rank checksums the files it wrote (DCP
+    names them `__<rank>_<n>.distcp`), so the cost is the checkpoint size / world size; rank 0 adds the rest."""
+    rank = _rank()
+    mine = _manifest(path, sorted(path.glob(f"__{rank}_*.distcp")) + [path / f"rank_{rank}.pt"])
+    parts = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+    if rank != 0:
+        return None
+    merged = {name: entry for part in parts for name, entry in part.items()}
+    rest = [f for f in sorted(path.rglob("*")) if f.is_file() and str(f.relative_to(path)) not in merged]
+    return {**merged, **_manifest(path, rest)}
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -266,6 +283,7 @@ class Checkpointer:
         torch.save(rng_state(), rng_file)
         _fsync_file(rng_file)
         _barrier()
+        manifest = _gathered_manifest(tmp)
         if _rank() == 0:
             record = {
                 "format_version": FORMAT_VERSION,
@@ -274,7 +292,7 @@ class Checkpointer:
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "torch": torch.__version__,
                 "config": to_dict(self.job),
-                "manifest": _manifest(tmp),
+                "manifest": manifest,
             }
             _write_synced(tmp / "meta.json", json.dumps(record, indent=1).encode())
             _sync_dir(tmp)

@@ -393,6 +393,11 @@ def test_non_finite_optimizer_settings_are_rejected(tmp_path, override, key):
         cfg(tmp_path, override)
 
 
+def test_absurd_power_schedule_cap_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"schedule.power_lr_max: must be a finite number in \(0, 10\]"):
+        cfg(tmp_path, "schedule.name=power", "schedule.power_lr_max=inf")
+
+
 class PoisonWeights(Callback):
     """Fills the output weight with NaN after step `step` (what an LR of inf does, or corrupt shard bytes)."""
 

@@ -264,7 +264,7 @@ def test_cli_train_exits_non_zero_on_a_corrupt_checkpoint(run, capsys):
 @pytest.mark.slow
 def test_dp2_checkpoint_checksums_every_rank_file(tmp_path, cache):
     """Each rank checksums its own shards; the gathered manifest covers them all, and a flipped byte in rank 1's
-    shard is caught on load with the file named."""
+    shard is caught on load, standalone and by a two-rank resume, with the file named."""
     run_cmd(torchrun_cmd(2, tmp_path, "train.steps=4", "checkpoint.every=0"), cache, timeout=300)
     ckpt = step_dir(tmp_path, 4)
     manifest = json.loads((ckpt / "meta.json").read_text())["manifest"]
@@ -274,6 +274,11 @@ def test_dp2_checkpoint_checksums_every_rank_file(tmp_path, cache):
     flip_byte(ckpt / "__1_0.distcp")
     with pytest.raises(CheckpointError, match="__1_0.distcp does not match its blake2b checksum"):
         verify(ckpt)
+    # On resume the ranks split the checksumming; every rank stops, the one that found it names the file.
+    proc = run_cmd(torchrun_cmd(2, tmp_path, "train.steps=6", "checkpoint.every=0"), cache, timeout=300, check=False)
+    assert proc.returncode != 0
+    assert "__1_0.distcp does not match its blake2b checksum" in proc.stderr
+    assert "failed verification on rank" in proc.stderr
 
 
 # ---------------------------------------------------------------- 4. atomic re-save and honest resume

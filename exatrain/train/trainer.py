@@ -132,7 +132,8 @@ def check_finite(stats: StepStats, step: int, policy: str, engine: Any) -> None:
 class Trainer:
     """One training job on this rank. Construction builds every component and resumes from the latest
     checkpoint; `fit()` runs the loop. Attributes callbacks may use: cfg, state, engine, data, dims,
-    mesh, device, metrics, run_dir, and during a step `micro_batches` (this rank's)."""
+    mesh, device, metrics, run_dir, and during a step `micro_batches` (this rank's); requests they may make:
+    `request_stop` (checkpoint and end or pause the run) and `request_rollback` (reload the last good checkpoint)."""
 
     def __init__(self, cfg: JobConfig, callbacks: Sequence[Callback] = ()):
         self.cfg = cfg

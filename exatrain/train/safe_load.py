@@ -4,7 +4,8 @@ torch.distributed.checkpoint unpickles two things with plain pickle: the `.metad
 and every non-tensor value (DefaultLoadPlanner.load_bytes, `torch.load(weights_only=False)`). A crafted file
 can make either call any importable function (`os.system` through `__reduce__`). Here `.metadata` goes through
 an unpickler that admits only the classes DCP metadata is made of (found by unpickling the metadata of every
-layout exatrain writes: single process, FSDP2 dp 2/4, pipeline pp2, bf16), and non-tensor values go through
+layout exatrain writes: single process, FSDP2 dp 2/4, TP 2, pipeline pp2, DeepSpeed ZeRO-3, bf16; all resume
+through this reader), and non-tensor values go through
 `torch.load(weights_only=True)` (primitives, containers, tensors). Anything else raises CheckpointError before
 it is called. Tensor shards DCP already reads with weights_only=True.
 """

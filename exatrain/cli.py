@@ -23,10 +23,15 @@ def _split_config(args: argparse.Namespace) -> tuple[str, list[str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from exatrain.train.checkpoint import CheckpointError
     from exatrain.train.trainer import train
 
     path, overrides = _split_config(args)
-    result = train(load_config(path, overrides))
+    try:
+        result = train(load_config(path, overrides))
+    except (CheckpointError, FloatingPointError) as exc:  # README "Failure modes": the message says what to do
+        print(f"exatrain: {exc}", file=sys.stderr)
+        return 1
     loss = f"loss {result.final_loss:.4f}, " if math.isfinite(result.final_loss) else ""
     print(f"{result.status}: step {result.step}, {loss}val loss {result.val_loss:.4f}, run dir {result.run_dir}")
     return 0 if result.status == "completed" else 3

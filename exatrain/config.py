@@ -17,6 +17,7 @@ Layout checks that need the world size live in exatrain.parallel.dims and run wh
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 from dataclasses import dataclass, field
@@ -165,6 +166,10 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     nan_policy: str = "skip"
+    spike_policy: str = "none"  # none | skip | rollback (exatrain.train.guard)
+    spike_threshold: float = 3.0  # a spike: loss > threshold x median of the previous spike_window losses
+    spike_window: int = 50
+    spike_warmup: int = 20  # steps before the spike rule applies
     callbacks: list[str] = field(default_factory=list)  # exatrain.registry.CALLBACKS, after the methods' own
     stop_signal: str = "SIGUSR2"  # checkpoint and stop at the next step on this signal ("" = none)
 
@@ -422,6 +427,8 @@ class JobConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 
+MAX_LR = 10.0  # optim.lr above this is a typo (1e400, inf), not an experiment: reject it up front
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped inside the package
 DEFAULT_CONFIG = "tiny.yaml"
 
@@ -601,7 +608,11 @@ def validate(cfg: JobConfig) -> None:
     require(d.tokenizer.vocab_size >= 259 or d.tokenizer.kind == "byte", "data.tokenizer.vocab_size",
             "a BPE vocabulary needs at least 259 entries (256 bytes + special tokens)")
     o = cfg.optim
-    require(o.lr > 0, "optim.lr", "must be positive")
+    require(math.isfinite(o.lr) and 0 < o.lr <= MAX_LR, "optim.lr",
+            f"must be a finite number in (0, {MAX_LR:g}], got {o.lr} (a larger rate only makes the weights non-finite)")
+    for key in ("eps", "weight_decay", "grad_clip"):
+        require(math.isfinite(getattr(o, key)), f"optim.{key}", f"must be finite, got {getattr(o, key)}")
+    require(o.eps > 0, "optim.eps", "must be positive")
     require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)")
     require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
     require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")

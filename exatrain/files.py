@@ -9,10 +9,14 @@ from pathlib import Path
 PRIVATE_MODE = 0o600
 
 
-def write_private(path: Path | str, text: str, append: bool = False) -> None:
-    """Write (or append) `text` to `path` with mode 0600, also when the file already existed wider."""
+def write_private(path: Path | str, text: str, append: bool = False, sync: bool = False) -> None:
+    """Write (or append) `text` to `path` with mode 0600, also when the file already existed wider;
+    `sync` flushes it to disk before returning (a file an atomic rename is about to publish)."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
     fd = os.open(path, flags, PRIVATE_MODE)
     with os.fdopen(fd, "w") as f:
         os.fchmod(fd, PRIVATE_MODE)
         f.write(text)
+        if sync:
+            f.flush()
+            os.fsync(fd)

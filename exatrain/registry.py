@@ -35,6 +35,7 @@ BUILTIN_PLUGINS = (
     "exatrain.eval.eigenscore_run",
     "exatrain.train.precision",
     "exatrain.train.stability",
+    "exatrain.train.guard",
     "exatrain.engine.native",
     "exatrain.engine.deepspeed",
     "exatrain.interop.hf",

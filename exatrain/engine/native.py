@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -73,6 +74,8 @@ class NativeEngine:
         self.reports_loss = self.has_last_stage and mesh.get_local_rank("tp") == 0
         self.pp_group = mesh.get_group("pp") if dims.pp_enabled else None
         self._n_labels = 1
+        # Given the step's global loss before the optimizer step, True drops the update (train.spike_policy=skip).
+        self.skip_if: Callable[[float], bool] | None = None
         self.schedule = (build_schedule(self.model_parts, self.stage_ids, dims, mesh, device, p.pp_schedule,
                                         self._pp_loss) if dims.pp_enabled else None)
 
@@ -128,11 +131,12 @@ class NativeEngine:
         for opt in self.optimizers:
             opt.reduce_grads()
         norm = self._grad_norm()
-        if not math.isfinite(norm):
-            # The norm is global, so every rank skips together and weights and optimizer state stay intact.
+        total = self._global_sum(loss)
+        if not math.isfinite(norm) or (self.skip_if is not None and self.skip_if(total)):
+            # The norm and loss are global, so every rank skips together; weights and optimizer state stay intact.
             for opt in self.optimizers:
                 opt.zero_grad()
-            return StepStats(loss=self._global_sum(loss), grad_norm=norm, skipped=True)
+            return StepStats(loss=total, grad_norm=norm, skipped=True)
         clip = self.cfg.optim.grad_clip
         coef = clip / (norm + 1e-6) if clip > 0 else 1.0
         for opt in self.optimizers:
@@ -143,7 +147,7 @@ class NativeEngine:
         for hook in self.post_step_hooks:
             for part in self.model_parts:
                 hook(part, self.cfg)
-        return StepStats(loss=self._global_sum(loss), grad_norm=norm)
+        return StepStats(loss=total, grad_norm=norm)
 
     def _grad_norm(self) -> float:
         """Global L2 norm of all gradients (before clipping) with one all-reduce over the world: each rank

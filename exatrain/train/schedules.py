@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from exatrain.config import ConfigError, JobConfig, require
+from exatrain.config import MAX_LR, ConfigError, JobConfig, require
 from exatrain.registry import SCHEDULES, config_validator
 
 DECAY_KINDS = ("linear", "exponential", "cosine")
@@ -137,8 +137,9 @@ def validate_schedule(cfg: JobConfig) -> None:
     require(0.0 <= s.decay_fraction < 1.0, "schedule.decay_fraction", "must be in [0, 1)")
     require(0.0 <= s.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "must be in [0, 1]")
     require(s.power_b < 0, "schedule.power_b", f"must be negative (the LR decays as tokens^b), got {s.power_b}")
-    require(s.power_a > 0, "schedule.power_a", "must be positive")
-    require(s.power_lr_max > 0, "schedule.power_lr_max", "must be positive")
+    require(math.isfinite(s.power_a) and s.power_a > 0, "schedule.power_a", "must be a finite positive number")
+    require(math.isfinite(s.power_lr_max) and 0 < s.power_lr_max <= MAX_LR, "schedule.power_lr_max",
+            f"must be a finite number in (0, {MAX_LR:g}] (the power schedule's learning-rate cap), got {s.power_lr_max}")
 
 
 def build_schedule(cfg: JobConfig) -> Schedule:

@@ -38,7 +38,8 @@ from exatrain.model.llama import build_model, count_params
 from exatrain.parallel.dims import MESH_DIMS, ParallelDims
 from exatrain.registry import CALLBACKS
 from exatrain.train.callback import Callback
-from exatrain.train.checkpoint import ENGINE, Checkpointer, Stateful, TrainState
+from exatrain.train.checkpoint import ENGINE, Checkpointer, Stateful, TrainState, list_checkpoints
+from exatrain.train.guard import weights_finite
 from exatrain.train.metrics import MetricsLogger, peak_memory_bytes, throughput
 from exatrain.train.runlock import hold_run_dir
 from exatrain.train.schedules import build_schedule
@@ -49,6 +50,7 @@ log = logging.getLogger("exatrain")
 # Why a run stops before train.steps, by precedence: a method's decision to end the run outranks a
 # preemption (which a Slurm job answers by requeueing itself).
 STOP_STATUSES = ("preempted", "stopped")
+MAX_ROLLBACKS = 3  # rollbacks to one checkpoint before a spiking run is given up
 
 
 @dataclass
@@ -109,12 +111,17 @@ def callback_key(cb: Callback) -> str:
     return f"callbacks.{getattr(cb, 'name', '') or type(cb).__name__}"
 
 
-def check_finite(stats: StepStats, step: int, policy: str) -> None:
+def check_finite(stats: StepStats, step: int, policy: str, engine: Any) -> None:
     """nan_policy=skip: a step whose gradients are non-finite was skipped by the engine (logged, counted in
-    metrics as `skipped`); nan_policy=raise, or an engine that cannot skip, stops the run."""
+    metrics as `skipped`) as long as the weights are finite; nan_policy=raise, non-finite weights (every later
+    step would be skipped too), or an engine that cannot skip, stops the run."""
     if math.isfinite(stats.loss) and math.isfinite(stats.grad_norm):
         return
     if stats.skipped and policy == "skip":
+        if not weights_finite(engine):
+            raise FloatingPointError(f"step {step}: the weights themselves are non-finite, so every step would be "
+                                     "skipped; lower optim.lr or raise optim.grad_clip and resume from the last "
+                                     "checkpoint (a non-finite checkpoint is never written)")
         log.warning("step %d: non-finite loss/gradients (loss %s, grad norm %s); optimizer step skipped",
                     step, stats.loss, stats.grad_norm)
         return
@@ -127,11 +134,14 @@ def check_finite(stats: StepStats, step: int, policy: str) -> None:
 class Trainer:
     """One training job on this rank. Construction builds every component and resumes from the latest
     checkpoint; `fit()` runs the loop. Attributes callbacks may use: cfg, state, engine, data, dims,
-    mesh, device, metrics, run_dir, and during a step `micro_batches` (this rank's)."""
+    mesh, device, metrics, run_dir, and during a step `micro_batches` (this rank's); requests they may make:
+    `request_stop` (checkpoint and end or pause the run) and `request_rollback` (reload the last good checkpoint)."""
 
     def __init__(self, cfg: JobConfig, callbacks: Sequence[Callback] = ()):
         self.cfg = cfg
         self._stop: tuple[str, str] | None = None  # (status, reason)
+        self._rollback: str | None = None  # why a callback asked to reload the last good checkpoint
+        self._rollbacks: dict[Path, int] = {}
         self._previous_handler = self._install_stop_handler(cfg.train.stop_signal)
         kind = device_type(cfg.train.device)
         self.info = init_distributed(kind, cfg.parallel.timeout_s)
@@ -194,7 +204,7 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         cfg, state = self.cfg, self.state
-        loss, last_eval = float("nan"), None
+        loss, last_eval, finite = float("nan"), None, True
         while state.step < cfg.train.steps:
             stop = self._stop_agreed()
             if stop:
@@ -203,9 +213,12 @@ class Trainer:
                 return TrainResult(stop[0], state.step, loss, self.run_dir)
             self._emit("on_step_start", self)
             stats, record = self.train_step()
-            loss = stats.loss
+            loss, finite = stats.loss, math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)
             self._emit("on_step_end", self, stats, record)
             self.metrics.log_step(state.step, record)
+            if self._rollback is not None:
+                self.roll_back()
+                continue
             if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
                 last_eval = (state.step, self.evaluate())
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and state.step < cfg.train.steps:
@@ -214,6 +227,10 @@ class Trainer:
             last_eval = (state.step, self.evaluate())
         if cfg.checkpoint.save_final and state.step != self.resumed_step:
             self.save_checkpoint()
+        if not finite:
+            raise FloatingPointError(f"the run ended with a non-finite loss or gradients at step {state.step} (its "
+                                     "update was skipped; see `skipped` in metrics.jsonl); the data or the settings "
+                                     "make non-finite values: check them before training further")
         return TrainResult("completed", state.step, loss, self.run_dir, last_eval[1]["val_loss"])
 
     def train_step(self) -> tuple[StepStats, dict[str, Any]]:
@@ -226,7 +243,7 @@ class Trainer:
         t_data = time.perf_counter() - t0
         lr = self.schedule.lr(state.tokens_seen, cfg.train.global_batch)
         stats = self.engine.train_step(self.micro_batches, n_labels, lr)
-        check_finite(stats, state.step + 1, cfg.train.nan_policy)
+        check_finite(stats, state.step + 1, cfg.train.nan_policy, self.engine)
         state.step += 1
         state.tokens_seen += self.tokens_per_step
         elapsed = time.perf_counter() - t0
@@ -261,6 +278,28 @@ class Trainer:
         """What a checkpoint holds: model + optimizer, progress, the data position, each callback."""
         return {ENGINE: self.engine, "trainer": self.state, "data": self.data.train,
                 **{callback_key(cb): cb for cb in self.callbacks if hasattr(cb, "state_dict")}}
+
+    # -- rolling back
+
+    def request_rollback(self, reason: str) -> None:
+        """Reload the newest checkpoint, except the data loader's position, right after this step is logged:
+        training goes on from the last good weights with the batches after the bad one (train.spike_policy)."""
+        self._rollback = reason
+
+    def roll_back(self) -> None:
+        reason, self._rollback = self._rollback, None
+        found = list_checkpoints(self.checkpointer.dir)
+        if not found:
+            raise FloatingPointError(f"{reason}: no checkpoint to roll back to yet; lower checkpoint.every or "
+                                     "raise train.spike_warmup")
+        path = found[-1]
+        self._rollbacks[path] = self._rollbacks.get(path, 0) + 1
+        if self._rollbacks[path] > MAX_ROLLBACKS:
+            raise FloatingPointError(f"{reason}: already rolled back to {path} {MAX_ROLLBACKS} times and the loss "
+                                     "keeps spiking; lower optim.lr or raise train.spike_threshold")
+        self.checkpointer.load(path, {k: s for k, s in self.checkpoint_states().items() if k != "data"})
+        log.warning("%s: rolled back to %s (step %d); the data loader stays ahead, skipping the batches since",
+                    reason, path, self.state.step)
 
     # -- stopping
 

@@ -119,6 +119,7 @@ class ModelState:
 
     def __init__(self, model):
         self.model = model
+        self.model_parts = [model]  # what the checkpointer's finiteness check reads
 
     def state_dict(self):
         return {"model": self.model.state_dict()}

@@ -89,6 +89,9 @@ CASES_2 = {
     "zero1_dp2_bf16": ({"overrides": ["parallel.dp_shard=2", "parallel.zero_stage=1", "train.dtype=bf16"]}, "bf16"),
     "zero1_dp2_bf16_params": ({"overrides": ["parallel.dp_shard=2", "parallel.zero_stage=1",
                                              "train.dtype=bf16_params"]}, "bf16"),
+    # a fresh DeepSpeed engine saving after its own steps (its optimizer-state views are linked lazily)
+    "reshard_deepspeed2_fresh_to_fsdp": ({"reshard": [DS + ["parallel.zero_stage=2"], ["parallel.dp_shard=2"]],
+                                          "steps": [2, 1]}, "exact"),
     "reshard_zero1_to_fsdp_to_deepspeed": ({"reshard": [["parallel.dp_shard=2", "parallel.zero_stage=1"],
                                                         ["parallel.dp_shard=2"], DS + ["parallel.zero_stage=1"]],
                                             "steps": [2, 1, 1]}, "exact"),

@@ -117,8 +117,12 @@ class DeepSpeedEngine:
             if not base.state.get(flat):
                 base.state[flat] = {"step": torch.zeros((), dtype=torch.float32),
                                     "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
-        link = getattr(self.ds.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        link = getattr(zero, "_lazy_init_hp_params_optimizer_state", None)
         if link is not None:
+            # DeepSpeed links the per-parameter state views once, after the first *group's* first step, when
+            # the later groups have no state yet: their views stay empty. Relink now that every group has it.
+            if hasattr(zero, "_hp_optimizer_states_linked"):
+                zero._hp_optimizer_states_linked = False
             link()
 
     def _step_tensor(self) -> torch.Tensor:

@@ -23,13 +23,13 @@ def _split_config(args: argparse.Namespace) -> tuple[str, list[str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from exatrain.train.trainer import train
+    from exatrain.train.trainer import exit_code, train
 
     path, overrides = _split_config(args)
     result = train(load_config(path, overrides))
     loss = f"loss {result.final_loss:.4f}, " if math.isfinite(result.final_loss) else ""
     print(f"{result.status}: step {result.step}, {loss}val loss {result.val_loss:.4f}, run dir {result.run_dir}")
-    return 0 if result.status == "completed" else 3
+    return exit_code(result)
 
 
 def cmd_print_config(args: argparse.Namespace) -> int:

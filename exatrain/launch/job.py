@@ -23,6 +23,7 @@ import sys
 from typing import Any
 
 from exatrain.launch.bootstrap import detect_rank
+from exatrain.launch.preflight import warn_rocm_mismatch
 from exatrain.launch.slurm import requeue
 
 log = logging.getLogger("exatrain.launch")
@@ -33,8 +34,8 @@ class RankFailed(RuntimeError):
 
 
 def _node_local_dirs() -> None:
-    """MIOpen does not create its cache directory, and it lives on node-local /tmp (see frontier.yaml)."""
-    for var in ("MIOPEN_USER_DB_PATH", "MIOPEN_CUSTOM_CACHE_DIR"):
+    """MIOpen does not create its cache directories; they and Triton's live on node-local /tmp (frontier.yaml)."""
+    for var in ("MIOPEN_USER_DB_PATH", "MIOPEN_CUSTOM_CACHE_DIR", "TRITON_CACHE_DIR"):
         if os.environ.get(var):
             os.makedirs(os.environ[var], exist_ok=True)
 
@@ -50,9 +51,13 @@ class TrainJob:
         from exatrain.config import from_dict
         from exatrain.train.trainer import train
 
+        import torch
+
         faulthandler.enable()  # a segfault or fatal signal still prints this rank's Python stack
         _node_local_dirs()
         info = detect_rank()
+        if info.rank == 0:
+            warn_rocm_mismatch(torch.version.hip)
         where = f"rank {info.rank}/{info.world_size} on {os.environ.get('SLURMD_NODENAME') or socket.gethostname()}"
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
         # On stderr: it marks where this attempt starts in a requeued job's appended log.

@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,7 +18,7 @@ from exatrain.config import ConfigError, load_config
 from exatrain.train import trainer
 from exatrain.train.callback import Callback
 from exatrain.train.checkpoint import list_checkpoints
-from exatrain.train.deadline import Deadline, DeadlineCallback, job_end_time, parse_squeue_end
+from exatrain.train.deadline import Deadline, DeadlineCallback, job_end_time, parse_squeue_end, slurm_duration_s
 from exatrain.train.watchdog import Watchdog, current_collective, watchdog_seconds
 from helpers import REPO, TINY, env, losses, torchrun_cmd
 
@@ -51,9 +53,11 @@ def test_deadline_stops_when_one_more_iteration_and_a_save_would_not_fit():
 def test_job_end_time_sources():
     assert job_end_time({"SLURM_JOB_END_TIME": "1800000000"}) == 1800000000.0
     assert job_end_time({}) is None, "outside Slurm there is no deadline"
-    got = job_end_time({"SLURM_JOB_ID": "42"}, squeue=lambda job: "2026-11-29T23:10:00\n")
-    assert got == parse_squeue_end("2026-11-29T23:10:00")
-    assert job_end_time({"SLURM_JOB_ID": "42"}, squeue=lambda job: "N/A\n") is None
+    got = job_end_time({"SLURM_JOB_ID": "42"}, squeue=lambda job: "2026-11-29T23:10:00|1-02:03:04\n")
+    assert got == datetime.fromisoformat("2026-11-29T23:10:00").timestamp() + 26 * 3600 + 3 * 60 + 4
+    assert parse_squeue_end("2026-11-29T23:10:00|2:00") == datetime.fromisoformat("2026-11-29T23:12:00").timestamp()
+    assert slurm_duration_s("2:00:00") == 7200 and slurm_duration_s("UNLIMITED") is None
+    assert job_end_time({"SLURM_JOB_ID": "42"}, squeue=lambda job: "N/A|UNLIMITED\n") is None
 
     def broken(job):
         raise subprocess.CalledProcessError(1, "squeue")
@@ -94,6 +98,13 @@ def test_deadline_callback_checkpoints_before_the_limit(tmp_path):
     assert list_checkpoints(tmp_path / "checkpoints")[-1].name == "step_00000006"
     assert clock.t < end, "the checkpoint was written before the time limit"
     assert cb.deadline.save_s == 5.0, "the stop checkpoint's write time is measured"
+
+
+def test_an_end_time_already_past_is_ignored():
+    clock = Clock()
+    cb = DeadlineCallback(1.5, 20.0, clock=clock, end_time=lambda: clock.t - 5)
+    cb.on_train_start(SimpleNamespace(info=SimpleNamespace(rank=0)))
+    assert cb.deadline is None
 
 
 def _wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 120) -> None:

@@ -8,14 +8,16 @@ longest checkpoint write), because letting one more iteration run would leave no
 The stop itself is the trainer's preemption path (checkpoint, requeue), reached through
 `DeadlineCallback`, so the pre-limit signal remains only the fallback.
 
-The job's end comes from SLURM_JOB_END_TIME (set by Slurm 23.02+) or `squeue -o %e`; outside a
-Slurm job there is none and the callback does nothing.
+The job's end comes from SLURM_JOB_END_TIME (set by newer Slurm) or squeue's start time + time limit
+(`%S|%l`; its end time `%e` is stale right after a requeue); outside a Slurm job there is none and the
+callback does nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import time
 from collections import deque
@@ -70,11 +72,21 @@ class Deadline:
                 f"{self.iteration_s:.1f} s + checkpoint {self.save_s:.1f} s)")
 
 
+def slurm_duration_s(text: str) -> float | None:
+    """Slurm's [days-][hours:]minutes:seconds as seconds; None for UNLIMITED, INVALID, N/A."""
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text.strip())
+    if not m:
+        return None
+    days, hours, minutes, seconds = (int(g or 0) for g in m.groups())
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
 def parse_squeue_end(text: str) -> float | None:
-    """squeue's %e (local time, e.g. 2026-11-29T23:10:00) as epoch seconds; None for N/A/Unknown."""
-    text = text.strip()
+    """squeue's `%S|%l` (start in local time, e.g. 2026-11-29T23:10:16|2:00) as the end in epoch seconds."""
+    start, _, limit = text.strip().partition("|")
+    seconds = slurm_duration_s(limit)
     try:
-        return datetime.fromisoformat(text).timestamp()
+        return datetime.fromisoformat(start).timestamp() + seconds if seconds is not None else None
     except ValueError:
         return None
 
@@ -98,7 +110,7 @@ def job_end_time(environ: Mapping[str, str] = os.environ,
 
 
 def _squeue_end(job_id: str) -> str:
-    return subprocess.run(["squeue", "-h", "-o", "%e", "-j", job_id], check=True, capture_output=True,
+    return subprocess.run(["squeue", "-h", "-o", "%S|%l", "-j", job_id], check=True, capture_output=True,
                           text=True, timeout=30).stdout
 
 
@@ -126,6 +138,9 @@ class DeadlineCallback(Callback):
             shared = torch.tensor([end or 0.0], dtype=torch.float64)
             dist.all_reduce(shared, op=dist.ReduceOp.MAX)
             end = shared.item() or None
+        if end is not None and end <= self.clock():
+            log.warning("deadline: the job's end time %s has passed already; relying on the stop signal", end)
+            end = None
         if end is not None:
             self.deadline = Deadline(end, self.margin, self.assumed_save_s)
             log.info("deadline: job ends at %s; stopping with a checkpoint once the time left is under "

@@ -587,7 +587,8 @@ def validate(cfg: JobConfig) -> None:
             f"must be below parallel.timeout_s={p.timeout_s} (so a stall is reported before the collective "
             f"times out), 0 (off) or -1 (half of it); got {p.watchdog_s}")
     la = cfg.launch
-    require(la.stop_margin == 0 or la.stop_margin >= 1, "launch.stop_margin", f"must be 0 (off) or >= 1, got {la.stop_margin}")
+    require(la.stop_margin == 0 or la.stop_margin >= 1, "launch.stop_margin",
+            f"must be 0 (off) or >= 1, got {la.stop_margin}")
     require(la.save_s >= 0, "launch.save_s", f"must be >= 0, got {la.save_s}")
     if t.stop_signal:
         require(t.stop_signal in signal.Signals.__members__, "train.stop_signal",

@@ -31,7 +31,8 @@ def test_slow_steps_checkpoint_before_the_time_limit_and_requeue(slurm_cluster, 
         "plugins=[slow_step_plugin]", "train.callbacks=[slow_step]", "launch.tasks_per_node=1",
         # 2 minutes, and the pre-limit signal 1 s before it: too late to save, only the deadline can. Slurm
         # checks signal times every ~30 s, so the margin keeps the deadline's stop (at 40 s left) ahead of it.
-        "launch.time_min=2", "launch.signal_s=1", "launch.save_s=5", "launch.stop_margin=5", "launch.max_requeues=1"])
+        "launch.time_min=2", "launch.signal_s=1", "launch.save_s=5", "launch.stop_margin=5",
+        "launch.max_requeues=1"])
     (run,) = submit(prepare(cfg))
     stderr = Path(run.job.paths.stderr)
     stdout = Path(run.job.paths.stdout)

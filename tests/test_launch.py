@@ -48,8 +48,9 @@ def test_frontier_dry_run(capsys, tmp_path):
     srun = srun_line(out)
     assert "--gpu-bind=closest" in srun and "--gpus-per-task=1" in srun and "--kill-on-bad-exit=1" in srun
     assert "--cpus-per-task=7" in srun, "srun does not inherit sbatch's --cpus-per-task (Slurm 22.05-23.02)"
-    for line in ("module load rocm/6.2.4", "module load rccl-net-plugin", 'export NCCL_SOCKET_IFNAME="hsn0,hsn1,hsn2,hsn3"',
-                 'export NCCL_NET_GDR_LEVEL="3"', 'export FI_CXI_DEFAULT_CQ_SIZE="131072"', 'export FI_CXI_RDZV_PROTO="alt_read"',
+    for line in ("module load rocm/6.2.4", "module load rccl-net-plugin",
+                 'export NCCL_SOCKET_IFNAME="hsn0,hsn1,hsn2,hsn3"', 'export NCCL_NET_GDR_LEVEL="3"',
+                 'export FI_CXI_DEFAULT_CQ_SIZE="131072"', 'export FI_CXI_RDZV_PROTO="alt_read"',
                  'export HSA_FORCE_FINE_GRAIN_PCIE="1"', 'export NCCL_NET="OFI"',
                  'export MIOPEN_USER_DB_PATH="${MIOPEN_USER_DB_PATH:-/tmp/miopen-$USER-$SLURM_JOB_ID}"',
                  'export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton-$USER-$SLURM_JOB_ID}"'):
@@ -156,7 +157,8 @@ def test_frontier_sbatch_environment_matches_the_profile():
     text = (REPO / "slurm" / "frontier-env.sh").read_text()
     exported = dict(re.findall(r'^export (\w+)="(.*)"$', text, re.M))
     assert exported == profile.env
-    multinode = {f'if [ "${{SLURM_NNODES:-1}}" -gt 1 ]; then export {k}="{v}"; fi' for k, v in profile.multinode_env.items()}
+    multinode = {f'if [ "${{SLURM_NNODES:-1}}" -gt 1 ]; then export {k}="{v}"; fi'
+                 for k, v in profile.multinode_env.items()}
     script_lines = {line for line in text.splitlines() if line and not line.startswith(("#", "export"))}
     assert script_lines == {line for line in profile.setup if not line.startswith("export")} | multinode
 

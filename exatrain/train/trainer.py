@@ -107,7 +107,8 @@ def all_reduce(value: float, op=dist.ReduceOp.SUM) -> float:
 
 
 def build_callbacks(cfg: JobConfig, extra: Sequence[Callback]) -> list[Callback]:
-    """`train.callbacks` (the methods' own come first, added at config resolution), then `extra`."""
+    """`train.callbacks` (the methods' own come first, added at config resolution), then `extra`, then the
+    supervision callbacks (time-limit stop, hang watchdog)."""
     callbacks = [CALLBACKS.get(name)(cfg) for name in cfg.train.callbacks] + list(extra) + supervision(cfg)
     names = [callback_key(cb) for cb in callbacks]
     if len(set(names)) != len(names):

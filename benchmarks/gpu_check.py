@@ -9,7 +9,7 @@ Checks, each a row of the table (ok / FAIL / skip, with its numbers):
   flash_numerics  flash-attn (varlen, document masking) and SDPA vs the fp32 reference, bf16
   train_bf16      a small model trains in bf16: finite, falling loss
   train_fp8       the same with FP8 GEMMs (torchao; MXFP8 emulated, fp32, in --dry); skipped where the GPU has no FP8
-  mfu_1b          tokens/s and MFU of a ~1B Llama (dim 2048, 16 layers, seq 2048) over a few steps
+  mfu_1b          tokens/s and MFU of a ~1B Llama (dim 2048, 20 layers, seq 2048, bf16 autocast) over a few steps
 Writes the results as JSON (--out) too. Exit status 1 if a check failed.
 """
 
@@ -163,7 +163,7 @@ def check_fp8(a) -> tuple[str, str, dict]:
 def check_mfu(a) -> tuple[str, str, dict]:
     size = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "data.seq_len=64", "model.max_seq_len=64",
             "train.global_batch=4", "train.micro_batch=2"] if a.dry else \
-        ["model.dim=2048", "model.n_layers=16", "model.n_heads=16", "data.seq_len=2048", "model.max_seq_len=2048",
+        ["model.dim=2048", "model.n_layers=20", "model.n_heads=16", "data.seq_len=2048", "model.max_seq_len=2048",
          "train.global_batch=8", "train.micro_batch=4", "model.attention=" + (
              "flash" if importlib.util.find_spec("flash_attn") else "sdpa")]
     recs = run_training(a, "mfu", [*size, "model.n_kv_heads=0", "train.steps=8", "train.dtype=bf16",

@@ -24,7 +24,7 @@ def _split_config(args: argparse.Namespace) -> tuple[str, list[str]]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from exatrain.train.checkpoint import CheckpointError
-    from exatrain.train.trainer import train
+    from exatrain.train.trainer import exit_code, train
 
     path, overrides = _split_config(args)
     try:
@@ -34,7 +34,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     loss = f"loss {result.final_loss:.4f}, " if math.isfinite(result.final_loss) else ""
     print(f"{result.status}: step {result.step}, {loss}val loss {result.val_loss:.4f}, run dir {result.run_dir}")
-    return 0 if result.status == "completed" else 3
+    return exit_code(result)
 
 
 def cmd_print_config(args: argparse.Namespace) -> int:

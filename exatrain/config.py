@@ -197,6 +197,7 @@ class ParallelConfig:
     pp_stage_layers: list[int] = field(default_factory=list)
     init: str = "full"
     timeout_s: int = 600
+    watchdog_s: float = -1  # report a rank with no progress for this long (stack dump); -1: timeout_s / 2, 0: off
 
 
 @dataclass
@@ -291,6 +292,10 @@ class LaunchConfig:
     srun_extra: list[str] = field(default_factory=list)
     signal_s: int = 90
     max_requeues: int = 5
+    # Stop with a checkpoint once the time left < stop_margin x (iteration + checkpoint write), both measured
+    # (exatrain.train.deadline); save_s is the write time assumed until one is measured. stop_margin 0: off.
+    stop_margin: float = 1.5
+    save_s: int = 120
 
 
 @dataclass
@@ -635,6 +640,13 @@ def validate(cfg: JobConfig) -> None:
         require(getattr(p, key) == -1 or getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1 or -1 (infer)")
     require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "must be 1, 2 or 3")
     require(p.timeout_s > 0, "parallel.timeout_s", f"must be > 0 seconds, got {p.timeout_s}")
+    require(p.watchdog_s == -1 or 0 <= p.watchdog_s < p.timeout_s, "parallel.watchdog_s",
+            f"must be below parallel.timeout_s={p.timeout_s} (so a stall is reported before the collective "
+            f"times out), 0 (off) or -1 (half of it); got {p.watchdog_s}")
+    la = cfg.launch
+    require(la.stop_margin == 0 or la.stop_margin >= 1, "launch.stop_margin",
+            f"must be 0 (off) or >= 1, got {la.stop_margin}")
+    require(la.save_s >= 0, "launch.save_s", f"must be >= 0, got {la.save_s}")
     if t.stop_signal:
         require(t.stop_signal in signal.Signals.__members__, "train.stop_signal",
             f"{t.stop_signal!r} is not a signal name (e.g. SIGUSR2), or '' for none")

@@ -40,16 +40,23 @@ def test_profiles_load():
 
 def test_frontier_dry_run(capsys, tmp_path):
     out = dry_run(capsys, "--cluster", "frontier", "--account", "ABC123", "--nodes", "2", "--time", "120",
-                  "tiny.yaml", f"run_dir={tmp_path}/run", "train.global_batch=64", "train.micro_batch=4")
+                  "tiny.yaml", f"run_dir={tmp_path}/run", f"data.cache_dir={tmp_path}/cache", "train.global_batch=64",
+                  "train.micro_batch=4")
     flags = sbatch_flags(out)
     assert {"--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=7", "--account=ABC123",
-            "--partition=batch", "--time=120", "--signal=USR2@90", "--requeue", "--job-name=tiny"} <= flags
+            "--partition=batch", "--time=120", "--signal=USR2@90", "--requeue", "--job-name=tiny",
+            "--network=disable_rdzv_get"} <= flags
     srun = srun_line(out)
     assert "--gpu-bind=closest" in srun and "--gpus-per-task=1" in srun and "--kill-on-bad-exit=1" in srun
-    for line in ("module load rocm/6.2.4", 'export NCCL_SOCKET_IFNAME="hsn0"', 'export NCCL_NET_GDR_LEVEL="3"',
-                 'export FI_CXI_DEFAULT_CQ_SIZE="131072"', 'export MIOPEN_USER_DB_PATH="/tmp/miopen-$USER-$SLURM_JOB_ID"',
-                 "aws-ofi-rccl"):
+    assert "--cpus-per-task=7" in srun, "srun does not inherit sbatch's --cpus-per-task (Slurm 22.05-23.02)"
+    for line in ("module load rocm/6.2.4", "module load rccl-net-plugin",
+                 'export NCCL_SOCKET_IFNAME="hsn0,hsn1,hsn2,hsn3"', 'export NCCL_NET_GDR_LEVEL="3"',
+                 'export FI_CXI_DEFAULT_CQ_SIZE="131072"', 'export FI_CXI_RDZV_PROTO="alt_read"',
+                 'export HSA_FORCE_FINE_GRAIN_PCIE="1"', 'export NCCL_NET="OFI"',
+                 'export MIOPEN_USER_DB_PATH="${MIOPEN_USER_DB_PATH:-/tmp/miopen-$USER-$SLURM_JOB_ID}"',
+                 'export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton-$USER-$SLURM_JOB_ID}"'):
         assert line in out
+    assert "/lustre/orion/world-shared" not in out, "no hard-coded path to someone's plugin build"
     assert "16 ranks" in out and f"{tmp_path}/run/logs/%j_0_log.out" in out
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
@@ -72,7 +79,8 @@ def test_rendered_script_is_what_submitit_submits(tmp_path, cluster, sweep):
     slurm = pytest.importorskip("submitit.slurm.slurm")
     if not hasattr(slurm, "_make_sbatch_string"):
         pytest.skip("this submitit has no _make_sbatch_string to compare with")
-    cfg = parse_config("tiny.yaml", [f"run_dir={tmp_path}", "launch.sbatch_extra=[--mem=0,--exclusive]",
+    cfg = parse_config("tiny.yaml", [f"run_dir={tmp_path}", f"data.cache_dir={tmp_path}/cache",
+                                      "launch.sbatch_extra=[--mem=0,--exclusive]",
                                       "launch.srun_extra=[--cpu-bind=cores]", f"launch.cluster={cluster}",
                                       "launch.nodes=2", "train.micro_batch=1", "train.global_batch=16"])
     plan = prepare(cfg, sweep[1:])
@@ -150,9 +158,11 @@ def test_frontier_sbatch_environment_matches_the_profile():
     profile = load_profile("frontier")
     text = (REPO / "slurm" / "frontier-env.sh").read_text()
     exported = dict(re.findall(r'^export (\w+)="(.*)"$', text, re.M))
-    assert exported == {**profile.env, "LD_LIBRARY_PATH": "$EXATRAIN_RCCL_PLUGIN_DIR:$LD_LIBRARY_PATH"}
+    assert exported == profile.env
+    multinode = {f'if [ "${{SLURM_NNODES:-1}}" -gt 1 ]; then export {k}="{v}"; fi'
+                 for k, v in profile.multinode_env.items()}
     script_lines = {line for line in text.splitlines() if line and not line.startswith(("#", "export"))}
-    assert script_lines == {line for line in profile.setup if not line.startswith("export")}
+    assert script_lines == {line for line in profile.setup if not line.startswith("export")} | multinode
 
 
 def test_sweep_points_get_their_own_run_dirs(tmp_path):

@@ -41,6 +41,8 @@ class ClusterProfile:
     srun: list[str] = field(default_factory=list)  # srun options, "--gpu-bind=closest"
     setup: list[str] = field(default_factory=list)  # batch-script lines before srun: modules, venv
     env: dict[str, str] = field(default_factory=dict)  # exported before srun; may use $SLURM_* variables
+    multinode_env: dict[str, str] = field(default_factory=dict)  # exported too when the job has > 1 node
+    home_quota_gb: int = 0  # > 0: run_dir and caches must not be under $HOME (exatrain.launch.preflight)
 
 
 def profile_names() -> list[str]:
@@ -145,14 +147,17 @@ def make_plan(launch: LaunchConfig, job_name: str) -> SlurmPlan:
               **parse_long_options(profile.sbatch, f"cluster profile {profile.name} sbatch"),
               **parse_long_options(launch.sbatch_extra, "launch.sbatch_extra")}
     parse_long_options(launch.srun_extra, "launch.srun_extra")  # only checked: srun gets them verbatim
+    cpus = launch.cpus_per_task or profile.cpus_per_task
     # A rank that exits non-zero takes the whole step down instead of leaving the others blocked in a
-    # collective until the timeout.
-    srun = ["--kill-on-bad-exit=1", *profile.srun, *launch.srun_extra]
-    setup = [*profile.setup, *(_env_line(k, v) for k, v in profile.env.items())]
+    # collective until the timeout. srun does not inherit sbatch's --cpus-per-task (Slurm 22.05-23.02),
+    # so without it every rank is bound to one core.
+    srun = ["--kill-on-bad-exit=1", f"--cpus-per-task={cpus}", *profile.srun, *launch.srun_extra]
+    env = {**profile.env, **(profile.multinode_env if launch.nodes > 1 else {})}
+    setup = [*profile.setup, *(_env_line(k, v) for k, v in env.items())]
     return SlurmPlan(
         cluster=profile.name, job_name=job_name, nodes=launch.nodes, tasks_per_node=tasks,
         gpus_per_node=tasks if profile.gpus_per_node else 0,
-        cpus_per_task=launch.cpus_per_task or profile.cpus_per_task, time_min=launch.time_min,
+        cpus_per_task=cpus, time_min=launch.time_min,
         signal_s=launch.signal_s, partition=launch.partition or profile.partition,
         account=launch.account or profile.account, qos=launch.qos or profile.qos,
         constraint=launch.constraint or profile.constraint, sbatch=sbatch, srun=srun, setup=setup)

@@ -30,7 +30,8 @@ from submitit.core.utils import pickle_load
 from exatrain.config import ConfigError, JobConfig, finalize_config, to_dict, with_overrides
 from exatrain.launch import snapshot, sweep
 from exatrain.launch.job import TrainJob
-from exatrain.launch.slurm import ACTIVE_STATES, SlurmPlan, make_plan, queue_state, render_sbatch
+from exatrain.launch.preflight import check_rocm, check_storage
+from exatrain.launch.slurm import ACTIVE_STATES, SlurmPlan, load_profile, make_plan, queue_state, render_sbatch
 
 
 class JobFailed(RuntimeError):
@@ -86,6 +87,12 @@ def _check_layout(cfg: JobConfig, world_size: int) -> None:
         raise ConfigError(f"the job has {world_size} ranks: {exc}") from None
 
 
+def _torch_hip() -> str | None:
+    import torch
+
+    return torch.version.hip
+
+
 def prepare(cfg: JobConfig, sweep_axes: Sequence[str] = ()) -> LaunchPlan:
     """Resolve cluster profile, sweep points and run directories; touches nothing on disk.
 
@@ -103,8 +110,11 @@ def prepare(cfg: JobConfig, sweep_axes: Sequence[str] = ()) -> LaunchPlan:
     else:
         runs = [RunSpec(finalize_config(with_overrides(cfg, [*p, f"run_dir={root / str(i)}"])), root / str(i), p)
                 for i, p in enumerate(points)]
+    profile = load_profile(cfg.launch.cluster)
+    check_rocm(profile, _torch_hip())
     for run in runs:
         _check_layout(run.cfg, slurm.world_size)
+        check_storage(run.cfg, profile)
     return LaunchPlan(slurm, runs, root, root / "logs")
 
 

@@ -39,10 +39,12 @@ from exatrain.parallel.dims import MESH_DIMS, ParallelDims
 from exatrain.registry import CALLBACKS
 from exatrain.train.callback import Callback
 from exatrain.train.checkpoint import ENGINE, Checkpointer, Stateful, TrainState, list_checkpoints
+from exatrain.train.deadline import DeadlineCallback
 from exatrain.train.guard import weights_finite
 from exatrain.train.metrics import MetricsLogger, peak_memory_bytes, throughput
 from exatrain.train.runlock import hold_run_dir
 from exatrain.train.schedules import build_schedule
+from exatrain.train.watchdog import WatchdogCallback
 
 log = logging.getLogger("exatrain")
 
@@ -51,6 +53,9 @@ log = logging.getLogger("exatrain")
 # preemption (which a Slurm job answers by requeueing itself).
 STOP_STATUSES = ("preempted", "stopped")
 MAX_ROLLBACKS = 3  # rollbacks to one checkpoint before a spiking run is given up
+# Process exit codes of `exatrain train` and exatrain.launch.job: a run checkpointed on SIGTERM (scancel, systemd,
+# a Kubernetes eviction) exits EX_TEMPFAIL, "resume me", distinct from success, failure and a method's stop.
+EXIT_COMPLETED, EXIT_STOPPED, EXIT_TERMINATED = 0, 3, 75
 
 
 @dataclass
@@ -60,6 +65,13 @@ class TrainResult:
     final_loss: float
     run_dir: Path
     val_loss: float = float("nan")
+    signal: str = ""  # the signal that stopped the run (SIGTERM, SIGUSR2), if one did
+
+
+def exit_code(result: TrainResult) -> int:
+    if result.status == "completed":
+        return EXIT_COMPLETED
+    return EXIT_TERMINATED if result.signal == "SIGTERM" else EXIT_STOPPED
 
 
 def train(cfg: JobConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
@@ -99,12 +111,23 @@ def all_reduce(value: float, op=dist.ReduceOp.SUM) -> float:
 
 
 def build_callbacks(cfg: JobConfig, extra: Sequence[Callback]) -> list[Callback]:
-    """`train.callbacks` (the methods' own come first, added at config resolution), then `extra`."""
-    callbacks = [CALLBACKS.get(name)(cfg) for name in cfg.train.callbacks] + list(extra)
+    """`train.callbacks` (the methods' own come first, added at config resolution), then `extra`, then the
+    supervision callbacks (time-limit stop, hang watchdog)."""
+    callbacks = [CALLBACKS.get(name)(cfg) for name in cfg.train.callbacks] + list(extra) + supervision(cfg)
     names = [callback_key(cb) for cb in callbacks]
     if len(set(names)) != len(names):
         raise ConfigError(f"train.callbacks: two callbacks share a checkpoint name: {names}")
     return callbacks
+
+
+def supervision(cfg: JobConfig) -> list[Callback]:
+    """The time-limit stop and the hang watchdog, on unless turned off (launch.stop_margin, parallel.watchdog_s)."""
+    out: list[Callback] = []
+    if cfg.launch.stop_margin:
+        out.append(DeadlineCallback.from_job(cfg))
+    if cfg.parallel.watchdog_s:
+        out.append(WatchdogCallback.from_job(cfg))
+    return out
 
 
 def callback_key(cb: Callback) -> str:
@@ -142,7 +165,8 @@ class Trainer:
         self._stop: tuple[str, str] | None = None  # (status, reason)
         self._rollback: str | None = None  # why a callback asked to reload the last good checkpoint
         self._rollbacks: dict[Path, int] = {}
-        self._previous_handler = self._install_stop_handler(cfg.train.stop_signal)
+        self._signal = ""  # the last stop signal received
+        self._previous_handlers = self._install_stop_handlers(cfg.train.stop_signal)
         kind = device_type(cfg.train.device)
         self.info = init_distributed(kind, cfg.parallel.timeout_s)
         self.device = torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
@@ -210,7 +234,7 @@ class Trainer:
             if stop:
                 log.warning("stopping at step %d (%s): %s", state.step, *stop)
                 self.save_checkpoint()
-                return TrainResult(stop[0], state.step, loss, self.run_dir)
+                return TrainResult(stop[0], state.step, loss, self.run_dir, signal=self._signal)
             self._emit("on_step_start", self)
             stats, record = self.train_step()
             loss, finite = stats.loss, math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)
@@ -322,15 +346,21 @@ class Trainer:
         reason = self._stop[1] if self._stop and self._stop[0] == status else f"{status} on another rank"
         return status, reason
 
-    def _install_stop_handler(self, name: str) -> tuple[signal.Signals, Any] | None:
-        """Slurm's pre-limit signal (or `scancel --signal`) becomes a stop request; `close` restores the
-        previous handler. Signal handlers can only be set from the main thread."""
-        if not name or threading.current_thread() is not threading.main_thread():
-            return None
-        signum = signal.Signals[name]
-        previous = signal.signal(signum, lambda num, _frame: self.request_stop(
-            f"received {signal.Signals(num).name} (time limit or preemption)"))
-        return signum, signal.SIG_DFL if previous is None else previous
+    def _install_stop_handlers(self, name: str) -> list[tuple[signal.Signals, Any]]:
+        """Slurm's pre-limit signal (or `scancel --signal`) and SIGTERM (scancel, systemd, Kubernetes) become a
+        stop request; `close` restores the previous handlers. Handlers can only be set from the main thread."""
+        if threading.current_thread() is not threading.main_thread():
+            return []
+
+        def handle(num: int, _frame: Any) -> None:
+            self._signal = signal.Signals(num).name
+            self.request_stop(f"received {self._signal} (time limit, preemption or shutdown)")
+
+        installed = []
+        for signum in dict.fromkeys(signal.Signals[n] for n in (name, "SIGTERM") if n):
+            previous = signal.signal(signum, handle)
+            installed.append((signum, signal.SIG_DFL if previous is None else previous))
+        return installed
 
     def close(self) -> None:
         """Flush metrics, give the stop signal back and release run_dir; safe to call on a half-built trainer."""
@@ -339,9 +369,9 @@ class Trainer:
         if getattr(self, "lock", None) is not None:
             self.lock.release()
             self.lock = None
-        if self._previous_handler is not None:
-            signal.signal(*self._previous_handler)
-            self._previous_handler = None
+        for signum, previous in getattr(self, "_previous_handlers", []):
+            signal.signal(signum, previous)
+        self._previous_handlers = []
 
     def _emit(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from exatrain.model.attention import sdpa_attention
+from exatrain.model.documents import documents
 from exatrain.model.s2.pattern import S2Pattern
+from exatrain.model.s2.phases import local_phases
 
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -47,10 +49,10 @@ def blocksparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat
     units = pattern.local_units(head_offset, q.shape[1])
     if len(units) != k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads need {len(units)} KV heads under the pattern, got {k.shape[1]}")
-    if doc_ids is not None and bool((doc_ids == doc_ids[:, :1]).all()):
+    if documents(doc_ids) is None:
         doc_ids = None
-    phases = torch.tensor([pattern.unit_phase[u] for u in units])
-    n_dense = int((phases < 0).sum())
+    phases = local_phases(pattern, head_offset, q.shape[1], q.device)
+    n_dense = sum(pattern.unit_phase[u] < 0 for u in units)
     if n_dense == len(units) or -(-q.shape[2] // pattern.block_size) <= pattern.local_blocks:
         # Every causal block pair is attended: the pattern is dense causal attention.
         return sdpa_attention(q, k, v, doc_ids=doc_ids, scale=scale, head_offset=head_offset)

@@ -7,7 +7,7 @@ Triton's own `shared` metadata. For each (target, kernel, dtype, head dim, tile 
 "launch" marks the config exatrain.model.s2.launch picks, which must not spill or overflow shared memory.
 Rows with tile = pattern block are what the kernels ran before the tile was separated from the block.
 
-    python benchmarks/s2_triton_spills.py               # all targets, about 10 minutes on one core
+    python benchmarks/s2_triton_spills.py               # all targets, about 15 minutes on one core
     python benchmarks/s2_triton_spills.py --targets gfx90a --head-dims 128
 Writes benchmarks/out/s2_triton_spills.json and prints a Markdown table for RESULTS.md.
 """

@@ -84,8 +84,8 @@ for _name, _fn in (("sdpa", sdpa_attention), ("reference", reference_attention),
     ATTENTION.register(_name, lambda _cfg, _layer, fn=_fn: fn)
 
 
-# Backends whose GPU kernels have no fp32 path: flash-attn rejects fp32 inputs at the first forward, and
-# the fp32 S2 tiles need more shared memory than a GPU has (81,920 B of LDS at head dim 128 on MI250X).
+# Backends whose GPU kernels have no usable fp32 path: flash-attn rejects fp32 inputs at the first forward, and
+# fp32 S2 tiles fill the 64 KiB LDS of an MI250X and spill (benchmarks/RESULTS.md, S2 kernels).
 HALF_ONLY_ON_GPU = ("flash", "s2")
 
 

@@ -8,6 +8,7 @@ import logging
 import math
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -134,6 +135,20 @@ def test_peak_table(monkeypatch, name, dtype, tflops, label):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     info = peak_tflops(torch.device("cuda", 0), dtype)
     assert info.tflops == tflops and label in info.source and info.source.startswith("table")
+
+
+@pytest.mark.parametrize("name, arch, cus, tflops, label", [
+    ("AMD Instinct MI250X / MI250", "gfx90a:sramecc+:xnack-", 110, 191.5, "MI250X"),
+    ("AMD Instinct MI250X / MI250", "gfx90a:sramecc+:xnack-", 104, 181.0, "MI250,"),
+    ("", "gfx942:sramecc+:xnack-", 304, 1307.4, "MI300X"),
+])
+def test_rocm_peak_falls_back_to_the_gcn_arch(monkeypatch, name, arch, cus, tflops, label):
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(gcnArchName=arch, multi_processor_count=cus))
+    info = peak_tflops(torch.device("cuda", 0), "bf16")
+    assert info.tflops == tflops and label in info.source
 
 
 def test_peak_tf32_and_override(monkeypatch):

@@ -55,10 +55,21 @@ _TABLE = (
     _Spec("gh200", "NVIDIA GH200", 989.0, 67.0, 494.7, 1978.9),
     _Spec("a100", "NVIDIA A100", 312.0, 19.5, 156.0),
     _Spec("mi250x", "AMD MI250X, per GCD (half a package)", 191.5, 47.9, None),
+    _Spec("mi250", "AMD MI250, per GCD (half a package; MI210 has the same die and peak)", 181.0, 45.3, None),
     _Spec("mi300x", "AMD MI300X", 1307.4, 163.4, None, 2614.9),
     _Spec("mi300a", "AMD MI300A", 980.6, 122.6, None, 1961.2),
     _Spec("mi325x", "AMD MI325X", 1307.4, 163.4, None, 2614.9),
 )
+
+
+# ROCm names are not always specific: "AMD Instinct MI250X / MI250" for both parts, or an empty string. The GCN
+# arch and the compute units per torch device (one GCD on MI250/MI250X) tell them apart.
+_AMD_PARTS = {
+    ("gfx90a", 110): "AMD MI250X",
+    ("gfx90a", 104): "AMD MI250",
+    ("gfx942", 304): "AMD MI300X",
+    ("gfx942", 228): "AMD MI300A",
+}
 
 
 def _check_dtype(dtype: str) -> str:
@@ -89,6 +100,17 @@ def lookup(device_name: str, dtype: str, tf32: bool = False) -> PeakInfo | None:
             return PeakInfo(spec.tf32, f"table: {spec.label} dense TF32 (fp32 matmuls with TF32 allowed)")
         return PeakInfo(spec.fp32, f"table: {spec.label} dense FP32")
     return PeakInfo(spec.bf16, f"table: {spec.label} dense {dtype.upper()}")
+
+
+def device_name(device: torch.device) -> str:
+    """torch's name of a GPU; on ROCm, when that name is empty, unknown or names two parts ("MI250X / MI250"),
+    the part its GCN arch and compute-unit count identify (the name unchanged if they identify none)."""
+    name = torch.cuda.get_device_name(device)
+    if torch.version.hip is None or ("/" not in name and any(s.match in name.lower() for s in _TABLE)):
+        return name
+    props = torch.cuda.get_device_properties(device)
+    arch = props.gcnArchName.split(":")[0]
+    return _AMD_PARTS.get((arch, props.multi_processor_count), name)
 
 
 @cache
@@ -128,7 +150,7 @@ def peak_tflops(device: torch.device, dtype: str, override: float = 0.0) -> Peak
         return PeakInfo(tflops, f"measured: {probe} 512x512 GEMM probe on CPU, {threads} threads")
     if device.type != "cuda":
         raise ValueError(f"no peak FLOP/s for device type {device.type!r}; pass metrics.peak_tflops")
-    name = torch.cuda.get_device_name(device)
+    name = device_name(device)
     # fp32_precision reflects both the legacy allow_tf32 flag and set_float32_matmul_precision.
     info = lookup(name, dtype, tf32=torch.backends.cuda.matmul.fp32_precision == "tf32")
     if info is None:

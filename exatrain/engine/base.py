@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from exatrain.data.batch import IGNORE_INDEX, Batch
+from exatrain.model.documents import to_device
 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -73,8 +74,8 @@ def model_inputs(b: Batch, device: torch.device) -> tuple[torch.Tensor, dict[str
     tokens = b.tokens.to(device)
     positions = b.positions if b.positions is not None else torch.arange(tokens.shape[1]).expand_as(tokens)
     kwargs = {"positions": positions.to(device)}
-    if b.doc_ids is not None:
-        kwargs["doc_ids"] = b.doc_ids.to(device)
+    if b.doc_ids is not None:  # boundaries derived here, on the host, once per micro-batch
+        kwargs["doc_ids"] = to_device(b.doc_ids, device)
     return tokens, kwargs
 
 

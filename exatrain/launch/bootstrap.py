@@ -196,13 +196,16 @@ def init_distributed(device_type: str, timeout_s: int = 600) -> RankInfo:
     info = detect_rank()
     if info.launcher == "mpirun":
         info = mpi_rendezvous(info)
+    device_id = None
     if device_type == "cuda" and torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+        device_id = torch.device("cuda", info.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device_id)
     if info.world_size > 1 and not dist.is_initialized():
         # Exported so libraries that read the torchrun variables (DeepSpeed, DCP) agree with us.
         os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
                           MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
         backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+        # device_id binds NCCL to this rank's GPU now (eager init) instead of guessing it at the first collective.
         dist.init_process_group(backend, init_method="env://", rank=info.rank, world_size=info.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=datetime.timedelta(seconds=timeout_s), device_id=device_id)
     return info

@@ -16,8 +16,9 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from exatrain.config import ModelConfig
-from exatrain.registry import ATTENTION
+from exatrain.config import JobConfig, ModelConfig, require
+from exatrain.model.documents import documents
+from exatrain.registry import ATTENTION, config_validator
 
 
 class AttentionFn(Protocol):
@@ -40,13 +41,9 @@ def causal_document_mask(doc_ids: torch.Tensor | None, T: int, device: torch.dev
     return (same_doc & causal)[:, None]
 
 
-def _single_document(doc_ids: torch.Tensor | None) -> bool:
-    return doc_ids is None or bool((doc_ids == doc_ids[:, :1]).all())
-
-
 def sdpa_attention(q, k, v, *, doc_ids, scale, head_offset):
     k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
-    if _single_document(doc_ids):
+    if documents(doc_ids) is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     mask = causal_document_mask(doc_ids, q.shape[2], q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -63,7 +60,7 @@ def reference_attention(q, k, v, *, doc_ids, scale, head_offset, mask: torch.Ten
 
 
 def flash_attention(q, k, v, *, doc_ids, scale, head_offset):
-    """flash-attn 2 on CUDA/ROCm; packed documents use the varlen kernel."""
+    """flash-attn 2 on CUDA/ROCm; packed documents use the varlen kernel with the host-derived boundaries."""
     try:
         fa = importlib.import_module("flash_attn")
     except ImportError as exc:
@@ -72,13 +69,12 @@ def flash_attention(q, k, v, *, doc_ids, scale, head_offset):
         raise RuntimeError("model.attention=flash runs on GPU only; use model.attention=sdpa on CPU")
     B, H, T, D = q.shape
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    if _single_document(doc_ids):
+    docs = documents(doc_ids)
+    if docs is None:
         return fa.flash_attn_func(qt, kt, vt, softmax_scale=scale, causal=True).transpose(1, 2)
-    flat = doc_ids + torch.arange(B, device=q.device)[:, None] * (doc_ids.max() + 1)
-    _, counts = torch.unique_consecutive(flat.flatten(), return_counts=True)
-    cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    cu, longest = docs.cu_seqlens, docs.max_seqlen
     out = fa.flash_attn_varlen_func(qt.reshape(B * T, H, D), kt.reshape(B * T, -1, D), vt.reshape(B * T, -1, D),
-                                    cu, cu, int(counts.max()), int(counts.max()), softmax_scale=scale, causal=True)
+                                    cu, cu, longest, longest, softmax_scale=scale, causal=True)
     return out.view(B, T, H, D).transpose(1, 2)
 
 
@@ -86,6 +82,26 @@ AttentionFactory = Callable[[ModelConfig, int], AttentionFn]
 
 for _name, _fn in (("sdpa", sdpa_attention), ("reference", reference_attention), ("flash", flash_attention)):
     ATTENTION.register(_name, lambda _cfg, _layer, fn=_fn: fn)
+
+
+# Backends whose GPU kernels have no usable fp32 path: flash-attn rejects fp32 inputs at the first forward, and
+# fp32 S2 tiles fill the 64 KiB LDS of an MI250X and spill (benchmarks/RESULTS.md, S2 kernels).
+HALF_ONLY_ON_GPU = ("flash", "s2")
+
+
+def runs_on_gpu(device: str) -> bool:
+    """Whether train.device puts the job on a GPU ("auto": whenever one is visible, as the trainer decides)."""
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+@config_validator
+def validate_gpu_attention(cfg: JobConfig) -> None:
+    """flash and s2 on GPU need a 16-bit compute dtype; caught here instead of in the first forward."""
+    attention = cfg.model.attention
+    if attention in HALF_ONLY_ON_GPU and runs_on_gpu(cfg.train.device):
+        require(cfg.train.dtype != "fp32", "train.dtype",
+                f"model.attention={attention} on GPU (train.device={cfg.train.device}) runs in bf16/fp16 only, "
+                f"got fp32; set train.dtype=bf16 (or bf16_params), or model.attention=sdpa for fp32")
 
 
 def layer_attention(cfg: ModelConfig, layer_idx: int) -> AttentionFn:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -149,7 +150,8 @@ class ParallelDims:
                 raise RuntimeError(f"world_size={self.world_size} but torch.distributed is not initialised; "
                                    "call exatrain.launch.bootstrap.init_distributed first")
             backend = "gloo" if device_type == "cpu" else f"cpu:gloo,{device_type}:nccl"
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            device_id = None if device_type == "cpu" else torch.device(device_type, torch.cuda.current_device())
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
         if dist.get_world_size() != self.world_size:
             raise RuntimeError(f"layout was validated for world_size={self.world_size} but the process group "
                                f"has {dist.get_world_size()} ranks")

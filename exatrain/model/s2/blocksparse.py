@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from exatrain.model.attention import sdpa_attention
+from exatrain.model.documents import documents
 from exatrain.model.s2.pattern import S2Pattern
+from exatrain.model.s2.phases import local_phases
 
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -47,10 +49,10 @@ def blocksparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat
     units = pattern.local_units(head_offset, q.shape[1])
     if len(units) != k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads need {len(units)} KV heads under the pattern, got {k.shape[1]}")
-    if doc_ids is not None and bool((doc_ids == doc_ids[:, :1]).all()):
+    if documents(doc_ids) is None:
         doc_ids = None
-    phases = torch.tensor([pattern.unit_phase[u] for u in units])
-    n_dense = int((phases < 0).sum())
+    phases = local_phases(pattern, head_offset, q.shape[1], q.device)
+    n_dense = sum(pattern.unit_phase[u] < 0 for u in units)
     if n_dense == len(units) or -(-q.shape[2] // pattern.block_size) <= pattern.local_blocks:
         # Every causal block pair is attended: the pattern is dense causal attention.
         return sdpa_attention(q, k, v, doc_ids=doc_ids, scale=scale, head_offset=head_offset)
@@ -90,10 +92,9 @@ class _Layout:
     front by local_blocks - 1 blocks, plus a strided copy (N, ns * bs, D).
     """
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, doc_ids: torch.Tensor | None, phases: torch.Tensor,
+    def __init__(self, q: torch.Tensor, U: int, doc_ids: torch.Tensor | None, phases: torch.Tensor,
                  pattern: S2Pattern):
         B, H, T, D = q.shape
-        U = k.shape[1]
         bs, L, V = pattern.block_size, pattern.local_blocks, pattern.vert_stride
         self.B, self.H, self.U, self.N, self.T, self.D, self.G = B, H, U, B * U, T, D, H // U
         self.bs, self.L, self.c = bs, L, local_group(pattern)
@@ -114,8 +115,9 @@ class _Layout:
             self.doc_strided = docs.reshape(B, self.nb, bs)[:, self.stride_index].flatten(-2)
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, T, D) -> (N, nb * R, D), zero-padded to whole blocks."""
-        x = F.pad(x, (0, 0, 0, self.nb * self.bs - self.T))
+        """(B, H, T, D) -> (N, nb * R, D), zero-padded to whole blocks (no copy at all without GQA and padding)."""
+        if self.nb * self.bs != self.T:
+            x = F.pad(x, (0, 0, 0, self.nb * self.bs - self.T))
         x = x.reshape(self.B, self.U, self.G, self.nb, self.bs, self.D).permute(0, 1, 3, 2, 4, 5)
         return x.reshape(self.N, self.nb * self.R, self.D).contiguous()
 
@@ -239,7 +241,7 @@ def _scatter_strided(dst: torch.Tensor, strided: torch.Tensor, lay: _Layout) -> 
 class _BlockSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, doc_ids, phases, scale, pattern):
-        lay = _Layout(q, k, doc_ids, phases, pattern)
+        lay = _Layout(q, k.shape[1], doc_ids, phases, pattern)
         qb = lay.blocks(q)
         kp, ks = lay.keys(k)
         vp, vs = lay.keys(v)
@@ -255,17 +257,18 @@ class _BlockSparse(torch.autograd.Function):
             o_acc.mul_((l_acc - l_new).exp_().unsqueeze(-1)).add_(o * (l - l_new).exp_().unsqueeze(-1))
             l_acc.copy_(l_new)
         out = out.to(q.dtype)
-        ctx.save_for_backward(qb, k, v, out, lse, doc_ids, phases)
+        # The padded and strided K/V, not k and v: the backward would otherwise rebuild them (two padded copies
+        # and two gathers).
+        ctx.save_for_backward(qb, kp, ks, vp, vs, out, lse, doc_ids, phases)
+        ctx.n_kv = k.shape[1]
         ctx.scale, ctx.pattern = scale, pattern
         return lay.unblocks(out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qb, k, v, out, lse, doc_ids, phases = ctx.saved_tensors
-        lay = _Layout(grad_out, k, doc_ids, phases, ctx.pattern)
+        qb, kp, ks, vp, vs, out, lse, doc_ids, phases = ctx.saved_tensors
+        lay = _Layout(grad_out, ctx.n_kv, doc_ids, phases, ctx.pattern)
         do = lay.blocks(grad_out)
-        kp, ks = lay.keys(k)
-        vp, vs = lay.keys(v)
         dq = torch.zeros_like(qb)
         dkp, dvp = torch.zeros_like(kp), torch.zeros_like(vp)
         dks, dvs = torch.zeros_like(ks), torch.zeros_like(vs)

@@ -501,6 +501,13 @@ def test_spike_rollback_reloads_the_last_checkpoint_with_data_advanced(tmp_path)
     assert_intact(run, 4, 8, 12)
 
 
+def test_spike_guard_enabled_on_resume_starts_fresh(run):
+    """A checkpoint written without the spike guard resumes with it on: the guard has no state there yet."""
+    result = trainer.train(cfg(run, "train.steps=10", "train.spike_policy=skip", *SPIKE))
+    assert (result.status, result.step) == ("completed", 10)
+    assert_intact(run, 4, 8, 10)
+
+
 def test_spike_rollback_without_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FloatingPointError, match="loss spike .* no checkpoint to roll back to yet"):
         trainer.train(cfg(tmp_path / "fresh", "train.spike_policy=rollback", *SPIKE),

@@ -355,6 +355,7 @@ class Checkpointer:
             raise CheckpointError(f"{exc}\nAn earlier checkpoint is {earlier[-1]}: set "
                                   f"checkpoint.resume={earlier[-1]} to resume from it") from None
         check_compatible(meta, self.job, path)
+        states = _present_callbacks(states, path)
         sd = {key: s.state_dict() for key, s in states.items()}
         read_state(sd, path, f"{', '.join(states)} state")
         for key, s in states.items():
@@ -364,6 +365,19 @@ class Checkpointer:
             set_rng_state(torch.load(rng_file, weights_only=True))
         log.info("resumed from %s (step %d)", path, meta["step"])
         return meta
+
+
+def _present_callbacks(states: Mapping[str, Stateful], path: Path) -> dict[str, Stateful]:
+    """`states` less the callbacks the checkpoint holds nothing of: a callback enabled on resume (a spike guard,
+    a new method) starts fresh instead of failing the resume with a missing key."""
+    stored = SafeReader(str(path)).read_metadata().state_dict_metadata
+    out = {}
+    for key, state in states.items():
+        if key.startswith("callbacks.") and not any(k == key or k.startswith(key + ".") for k in stored):
+            log.warning("%s holds no state for %s (not enabled when it was written): it starts fresh", path, key)
+            continue
+        out[key] = state
+    return out
 
 
 def verify_shared(path: Path) -> dict[str, Any]:

@@ -262,15 +262,18 @@ def test_profile_env_values_cannot_run_commands(tmp_path):
           B: "`touch {pwned}`; touch {pwned}"
           C: 'quote " backslash \\\\ dollar $'
           D: /tmp/cache-$USER-$SLURM_JOB_ID
+          E: \\${{E:-/tmp/e-$USER}}
+          F: \\${{F:-$(touch {pwned})}}
         """))
     cfg = parse_config("tiny.yaml", [f"launch.cluster={profile}"])
     lines = make_plan(cfg.launch, "x").setup
-    script = "\n".join([*lines, 'printf "%s\\n" "$A" "$B" "$C" "$D"'])
+    script = "\n".join([*lines, 'printf "%s\\n" "$A" "$B" "$C" "$D" "$E" "$F"'])
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True,
                          env={"PATH": os.environ["PATH"], "USER": "me", "SLURM_JOB_ID": "9"}).stdout
     assert not pwned.exists()
     assert out.splitlines() == [f"$(touch {pwned})", f"`touch {pwned}`; touch {pwned}",
-                                'quote " backslash \\\\ dollar $', "/tmp/cache-me-9"]
+                                'quote " backslash \\\\ dollar $', "/tmp/cache-me-9", "/tmp/e-me",
+                                f"${{F:-$(touch {pwned})}}"]
 
 
 @pytest.mark.parametrize("key", ["A-B", "X;touch /tmp/x", "1ABC", "É"])

@@ -114,12 +114,16 @@ class SlurmPlan:
         return params
 
 
-_VAR_REF = re.compile(r"(\$[A-Za-z_]\w*|\$\{[A-Za-z_]\w*\})", re.ASCII)
+_NAME_REF = r"\$[A-Za-z_]\w*|\$\{[A-Za-z_]\w*\}"
+# $NAME, ${NAME}, and ${NAME:-WORD} whose WORD is path-like text and plain references (a user's override of a
+# profile default, e.g. ${MIOPEN_USER_DB_PATH:-/tmp/miopen-$USER}); nothing that can run a command.
+_VAR_REF = re.compile(rf"({_NAME_REF}|\$\{{[A-Za-z_]\w*:?-(?:[\w./:@%+,=-]|{_NAME_REF})*\}})", re.ASCII)
 
 
 def _env_line(key: str, value: str) -> str:
-    """`export KEY="value"` where only plain variable references ($SLURM_JOB_ID, ${USER}) expand at job
-    time; every other shell-special character ($(...), backquotes, quotes, backslashes) stays literal."""
+    """`export KEY="value"` where only variable references ($SLURM_JOB_ID, ${USER}, ${X:-/default/$USER})
+    expand at job time; every other shell-special character ($(...), backquotes, quotes, backslashes) stays
+    literal."""
     if not re.fullmatch(r"[A-Za-z_]\w*", key, re.ASCII):
         raise ConfigError(f"cluster profile env: {key!r} is not a valid variable name")
     pieces = _VAR_REF.split(value)  # literal, reference, literal, ...

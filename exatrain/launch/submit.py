@@ -281,11 +281,13 @@ def failure_report(run: SubmittedRun) -> str:
 
 
 def _requeued_state(run: SubmittedRun) -> str | None:
-    """The queue state of a job that submitit counts as finished without every rank's success, when
-    Slurm has in fact requeued it (NODE_FAIL or PREEMPTED of a --requeue job: submitit keeps the first
-    state it saw as final); None when the job really ended."""
+    """The queue state of a job that submitit counts as finished, when Slurm has in fact requeued it: NODE_FAIL
+    or PREEMPTED of a --requeue job (submitit keeps the first state it saw as final), or an attempt that
+    checkpointed on SIGTERM because Slurm was requeueing it (`scontrol requeue`, preemption in REQUEUE mode);
+    None when the job really ended."""
     outcomes = _rank_outcomes(run.job)
-    if len(outcomes) == run.job.num_tasks and all(o[0] == "success" for o in outcomes.values()):
+    if (len(outcomes) == run.job.num_tasks and all(o[0] == "success" for o in outcomes.values())
+            and getattr(outcomes[0][1], "status", None) != "preempted"):
         return None
     state = queue_state(run.job_id)
     return state if state in ACTIVE_STATES else None

@@ -164,16 +164,20 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", default="2048,4096,8192,16384,32768",
-                        type=lambda s: [int(x) for x in s.split(",")])
+def add_pattern_arguments(parser: argparse.ArgumentParser, lengths: str) -> None:
+    """The attention shape, S2 pattern and repeats of the S2 benchmarks (this one and s2_cpu_breakdown.py)."""
+    parser.add_argument("--lengths", default=lengths, type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--local-blocks", type=int, default=16)
     parser.add_argument("--vert-stride", type=int, default=8)
     parser.add_argument("--reps", type=int, default=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_pattern_arguments(parser, "2048,4096,8192,16384,32768")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (CPU time is exact only for 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=OUT / "s2_attention.json")

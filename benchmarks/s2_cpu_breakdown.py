@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from exatrain.model.s2 import S2Attention, blocksparse
 from exatrain.model.s2.pattern import S2Pattern
+from s2_attention import add_pattern_arguments  # benchmarks/ is on sys.path when run as a script
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -128,13 +129,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", default="4096,16384", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--local-blocks", type=int, default=16)
-    parser.add_argument("--vert-stride", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=2)
+    add_pattern_arguments(parser, "4096,16384")
     parser.add_argument("--out", type=Path, default=OUT / "s2_cpu_breakdown.json")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -40,6 +40,15 @@ def slurm_cluster():
     _cluster("down", 120)
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """A tokenizer/token cache private to the test module: EXATRAIN_CACHE while the module runs."""
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EXATRAIN_CACHE", str(path))
+        yield path
+
+
 @pytest.fixture
 def single_process():
     """World-size-1 engines create a private single-rank process group; tear it down afterwards."""

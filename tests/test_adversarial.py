@@ -42,13 +42,6 @@ BASE = [*TINY, "train.steps=8", "checkpoint.keep=5"]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cache")
-    os.environ["EXATRAIN_CACHE"] = str(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache) -> Path:
     run_dir = tmp_path_factory.mktemp("trained")
     assert trainer.train(load_config("tiny.yaml", [*BASE, f"run_dir={run_dir}"])).status == "completed"

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -40,13 +39,6 @@ CASES = {
     "mup_tied_gqa": replace(BASE, n_kv_heads=1, mup=MUP),
     "mup_untied_pow2": replace(BASE, n_kv_heads=2, tie_embeddings=False, mup=replace(MUP, emb_mult=8.0)),
 }
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cache")
-    os.environ["EXATRAIN_CACHE"] = str(path)
-    return path
 
 
 def save_hf(model, cfg: ModelConfig, out: Path, shard_bytes: int = 20_000) -> None:

@@ -5,7 +5,6 @@ rejected with the key named."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -23,13 +22,6 @@ from exatrain.train.stability import DIVERGENCE_FILE, Sharpness
 
 FP8 = ["precision.gemm=fp8"]
 SHORT = ["checkpoint.every=0", "checkpoint.save_final=false", "train.steps=20", "optim.lr=1e-2"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cache")
-    os.environ["EXATRAIN_CACHE"] = str(path)
-    return path
 
 
 def _train(run_dir: Path, *overrides: str, callbacks=()) -> trainer.TrainResult:

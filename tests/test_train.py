@@ -17,13 +17,6 @@ from helpers import TINY, StopAfter, env, kill_after_checkpoint, losses, run, to
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cache")
-    os.environ["EXATRAIN_CACHE"] = str(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache) -> Path:
     """One uninterrupted single-process run that several tests compare against."""
     run_dir = tmp_path_factory.mktemp("ref")

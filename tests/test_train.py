@@ -111,6 +111,22 @@ def test_a_method_can_end_the_run_for_good(tmp_path, cache):
     assert list_checkpoints(tmp_path / "checkpoints")[-1].name == "step_00000003"
 
 
+def test_stop_at_a_periodic_checkpoint_does_not_save_twice(tmp_path, cache):
+    """A stop right after a periodic checkpoint (a time-limit deadline often lands there) keeps that one."""
+
+    class CountSaves(Callback):
+        def __init__(self):
+            self.saves: list[int] = []
+
+        def on_checkpoint(self, t, path):
+            self.saves.append(t.state.step)
+
+    counter = CountSaves()
+    cfg = load_config("tiny.yaml", [*TINY, f"run_dir={tmp_path}", "checkpoint.every=2"])
+    assert trainer.train(cfg, callbacks=[StopAfter(4), counter]).status == "preempted"
+    assert counter.saves == [2, 4]
+
+
 def test_stop_signal_checkpoints_and_resumes(tmp_path, cache, reference):
     """SIGUSR2 (Slurm's pre-limit signal) mid-run: every rank finishes the step, checkpoints, and stops."""
 

@@ -197,7 +197,7 @@ class Trainer:
         resume_from = self.checkpointer.resume_path()
         if resume_from is not None:
             self.checkpointer.load(resume_from, self.checkpoint_states())
-        self.resumed_step = self.state.step if resume_from is not None else -1
+        self.saved_step = self.state.step if resume_from is not None else -1  # the step the newest checkpoint holds
 
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, cfg.metrics.flops_convention)
@@ -233,7 +233,8 @@ class Trainer:
             stop = self._stop_agreed()
             if stop:
                 log.warning("stopping at step %d (%s): %s", state.step, *stop)
-                self.save_checkpoint()
+                if state.step != self.saved_step:  # e.g. a periodic checkpoint was just written at this step
+                    self.save_checkpoint()
                 return TrainResult(stop[0], state.step, loss, self.run_dir, signal=self._signal)
             self._emit("on_step_start", self)
             stats, record = self.train_step()
@@ -249,7 +250,7 @@ class Trainer:
                 self.save_checkpoint()
         if last_eval is None or last_eval[0] != state.step:
             last_eval = (state.step, self.evaluate())
-        if cfg.checkpoint.save_final and state.step != self.resumed_step:
+        if cfg.checkpoint.save_final and state.step != self.saved_step:
             self.save_checkpoint()
         if not finite:
             raise FloatingPointError(f"the run ended with a non-finite loss or gradients at step {state.step} (its "
@@ -295,6 +296,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         path = self.checkpointer.save(self.state.step, self.checkpoint_states(),
                                       {"tokens_seen": self.state.tokens_seen, "layout": self.layout})
+        self.saved_step = self.state.step
         self._emit("on_checkpoint", self, path)
         return path
 
@@ -322,6 +324,7 @@ class Trainer:
             raise FloatingPointError(f"{reason}: already rolled back to {path} {MAX_ROLLBACKS} times and the loss "
                                      "keeps spiking; lower optim.lr or raise train.spike_threshold")
         self.checkpointer.load(path, {k: s for k, s in self.checkpoint_states().items() if k != "data"})
+        self.saved_step = -1  # that checkpoint's data position is behind this run's: a stop must save again
         log.warning("%s: rolled back to %s (step %d); the data loader stays ahead, skipping the batches since",
                     reason, path, self.state.step)
 

@@ -127,6 +127,7 @@ def test_export_of_a_checkpoint_with_tokenizer(tmp_path, cache):
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2)
     tokens = torch.tensor([tok("Tokenizers and weights travel together.")["input_ids"]])
+    assert tokens[0, 0] == 0 and (tokens[0, 1:] > 2).all(), "HF encodes like training: <bos> + text"
     with torch.no_grad():
         assert (hf_logits(out, tokens) - model(tokens)).abs().max().item() <= 1e-5
     with pytest.raises(FileExistsError, match="already holds a model"):

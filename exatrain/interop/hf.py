@@ -276,8 +276,17 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def write_tokenizer(tokenizer: Tokenizer, out: Path, max_len: int) -> None:
-    """tokenizer.json plus the two small files AutoTokenizer reads for the class and the special tokens."""
+    """tokenizer.json plus the two small files AutoTokenizer reads for the class and the special tokens.
+    `tokenizer(text)` in transformers then starts with <bos>, as every document did in training (exatrain
+    itself never adds special tokens implicitly, so the post-processor only serves HF users)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.processors import TemplateProcessing
+
     tokenizer.save(out / "tokenizer.json")
+    backend = Backend.from_file(str(out / "tokenizer.json"))
+    backend.post_processor = TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B:1",
+                                                special_tokens=[("<bos>", tokenizer.bos_id)])
+    backend.save(str(out / "tokenizer.json"))
     special = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": max_len,

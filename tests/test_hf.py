@@ -158,7 +158,7 @@ def test_parse_size():
 @pytest.mark.slow
 def test_export_from_parallel_layouts_and_init_from_across_layouts(tmp_path, cache):
     """A trained run -> `exatrain export` -> HF (logits, AutoTokenizer); then `model.init_from` runs on one
-    process, FSDP dp2 and tp2 start from the same weights (same first loss), and their checkpoints, saved
+    process, FSDP dp2, tp2 and DeepSpeed ZeRO-3 start from the same weights (same first loss), and their checkpoints, saved
     under those layouts, export to HF models with exatrain's logits."""
     short = ["train.steps=2", "checkpoint.every=0", "model.n_heads=4", "model.n_kv_heads=2"]  # GQA, tp2 divides it
     run(train_cmd(tmp_path / "src", *short), cache)
@@ -175,7 +175,9 @@ def test_export_from_parallel_layouts_and_init_from_across_layouts(tmp_path, cac
     config = import_hf(hf, tmp_path / "one", "tiny.yaml", [*TINY, *short])
     run([sys.executable, "-m", "exatrain", "train", str(config)], cache)
     init = [f"model.init_from=hf:{hf}", *short]
-    layouts = {"fsdp": ["parallel.dp_shard=2"], "tp": ["parallel.tp=2", "parallel.dp_shard=1"]}
+    layouts = {"fsdp": ["parallel.dp_shard=2"], "tp": ["parallel.tp=2", "parallel.dp_shard=1"],
+               # DeepSpeed holds the tied embedding/output matrix once in its checkpoints
+               "deepspeed": ["parallel.dp_shard=2", "parallel.engine=deepspeed", "parallel.zero_stage=3"]}
     for name, layout in layouts.items():
         run(torchrun_cmd(2, tmp_path / name, *init, *layout), cache, timeout=300)
     first = losses(tmp_path / "one")[1]

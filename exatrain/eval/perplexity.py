@@ -35,7 +35,14 @@ from exatrain.config import JobConfig, from_dict
 from exatrain.data import IGNORE_INDEX, build_data, metadata_prompt
 from exatrain.model.convert import convert_model
 from exatrain.model.llama import Transformer, build_model, materialize
-from exatrain.train.checkpoint import CheckpointError, list_checkpoints, load_model_weights, verify
+from exatrain.train.checkpoint import (
+    ENGINE,
+    CheckpointError,
+    list_checkpoints,
+    load_model_weights,
+    stored_keys,
+    verify,
+)
 
 NONE, REAL = "none", "real"
 
@@ -66,10 +73,12 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     ckpt = resolve_checkpoint(path)
     meta = verify(ckpt)
     cfg = from_dict(meta["config"])
-    # Embedding and output matrix are read under their own names, tied or not: the checkpoint holds both,
-    # equal when training kept them tied, so the evaluated function is always the trained one. Converted
+    # Embedding and output matrix are read under their own names whenever the checkpoint holds both (native
+    # engines do, equal when training kept them tied), so the evaluated function is always the trained one;
+    # a DeepSpeed checkpoint holds a tied matrix once, and the model is built tied to read it. Converted
     # modules (model.converters) are rebuilt so their parameters and buffers load too.
-    model = build_model(dataclasses.replace(cfg.model, tie_embeddings=False))
+    both = not cfg.model.tie_embeddings or f"{ENGINE}.model.output.weight" in stored_keys(ckpt)
+    model = build_model(dataclasses.replace(cfg.model, tie_embeddings=not both))
     convert_model(model, cfg)
     model = materialize(model, device, cfg.train.seed)
     load_model_weights(ckpt, model)

@@ -367,10 +367,15 @@ class Checkpointer:
         return meta
 
 
+def stored_keys(path: Path) -> set[str]:
+    """The flattened keys a checkpoint holds (e.g. engine.model.output.weight), from its metadata only."""
+    return set(SafeReader(str(path)).read_metadata().state_dict_metadata)
+
+
 def _present_callbacks(states: Mapping[str, Stateful], path: Path) -> dict[str, Stateful]:
     """`states` less the callbacks the checkpoint holds nothing of: a callback enabled on resume (a spike guard,
     a new method) starts fresh instead of failing the resume with a missing key."""
-    stored = SafeReader(str(path)).read_metadata().state_dict_metadata
+    stored = stored_keys(path)
     out = {}
     for key, state in states.items():
         if key.startswith("callbacks.") and not any(k == key or k.startswith(key + ".") for k in stored):
@@ -432,9 +437,15 @@ def recover_swaps(ckpt_dir: Path) -> None:
 
 
 def load_model_weights(path: Path, model: nn.Module) -> None:
-    """Read only the model weights of a checkpoint into a plain (unsharded) model, in this process."""
-    state = {ENGINE: {"model": model.state_dict()}}
+    """Read only the model weights of a checkpoint into a plain (unsharded) model, in this process. A tied
+    weight is read under its first name only: DeepSpeed checkpoints hold it once, native ones under both."""
+    full = model.state_dict()
+    first: dict[int, str] = {}
+    for name, tensor in full.items():
+        first.setdefault(tensor.data_ptr(), name)
+    state = {ENGINE: {"model": {name: full[name] for name in first.values()}}}
     with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         read_state(state, path, "model weights", no_dist=True)
-    model.load_state_dict(state[ENGINE]["model"])
+    loaded = state[ENGINE]["model"]
+    model.load_state_dict({name: loaded[first[tensor.data_ptr()]] for name, tensor in full.items()})

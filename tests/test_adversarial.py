@@ -271,7 +271,23 @@ def test_dp2_checkpoint_checksums_every_rank_file(tmp_path, cache):
     proc = run_cmd(torchrun_cmd(2, tmp_path, "train.steps=6", "checkpoint.every=0"), cache, timeout=300, check=False)
     assert proc.returncode != 0
     assert "__1_0.distcp does not match its blake2b checksum" in proc.stderr
-    assert "failed verification on rank" in proc.stderr
+    assert "verification failed on rank" in proc.stderr
+
+
+@pytest.mark.slow
+def test_disk_full_on_one_rank_stops_every_rank_at_once(tmp_path, cache):
+    """Rank 1 alone hits ENOSPC in checkpoint step 4: both ranks stop with the error right away (no rank waits
+    in a barrier until the collective timeout), the partial write is removed, step 2 stays loadable."""
+    full = {**env(cache), "EXATRAIN_TEST_FULL_RANK": "1", "EXATRAIN_TEST_FULL_STEP": "4",
+            "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    cmd = torchrun_cmd(2, tmp_path, "train.steps=6", "checkpoint.every=2", "plugins=[full_disk_plugin]",
+                       "parallel.timeout_s=600")
+    proc = subprocess.run(cmd, cwd=REPO, env=full, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "disk full (ENOSPC) writing checkpoint step 4" in proc.stderr
+    assert "failed on rank 1" in proc.stderr
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000002"]
+    assert_intact(tmp_path, 2)
 
 
 # ---------------------------------------------------------------- 4. atomic re-save and honest resume

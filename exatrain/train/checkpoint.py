@@ -252,11 +252,11 @@ class Checkpointer:
         try:
             self._write(step, states, meta, tmp, final)
         except (Exception, CheckpointException) as exc:
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # never resumed from; every earlier checkpoint stays
             cause = _root_cause(exc)
             if not (isinstance(cause, OSError) and cause.errno == errno.ENOSPC):
                 raise
-            if _rank() == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
             latest = list_checkpoints(self.dir)
             raise CheckpointError(
                 f"disk full (ENOSPC) writing checkpoint step {step}: {cause.filename or tmp}; the partial "
@@ -275,10 +275,14 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         _barrier()
         dcp.save({key: s.state_dict() for key, s in states.items()}, checkpoint_id=str(tmp))
-        rng_file = tmp / f"rank_{_rank()}.pt"
-        torch.save(rng_state(), rng_file)
-        _fsync_file(rng_file)
-        _barrier()
+        error = None
+        try:
+            rng_file = tmp / f"rank_{_rank()}.pt"
+            torch.save(rng_state(), rng_file)
+            _fsync_file(rng_file)
+        except OSError as exc:
+            error = exc
+        raise_on_any_rank(error, f"writing {tmp}")
         manifest = _gathered_manifest(tmp)
         if _rank() == 0:
             record = {
@@ -290,11 +294,14 @@ class Checkpointer:
                 "config": to_dict(self.job),
                 "manifest": manifest,
             }
-            write_private(tmp / "meta.json", json.dumps(record, indent=1), sync=True)
-            _sync_dir(tmp)
-            swap_in(tmp, final)
-            self._apply_retention()
-        _barrier()
+            try:
+                write_private(tmp / "meta.json", json.dumps(record, indent=1), sync=True)
+                _sync_dir(tmp)
+                swap_in(tmp, final)
+                self._apply_retention()
+            except OSError as exc:
+                error = exc
+        raise_on_any_rank(error, f"publishing {final}")
 
     def _apply_retention(self) -> None:
         complete = list_checkpoints(self.dir)
@@ -385,25 +392,30 @@ def _present_callbacks(states: Mapping[str, Stateful], path: Path) -> dict[str, 
     return out
 
 
+def raise_on_any_rank(error: BaseException | None, what: str) -> None:
+    """Collective: when `what` failed on any rank, every rank raises (the failing one its own error, naming the
+    file), so no rank waits in a barrier until the collective timeout for one that gave up."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    flags = torch.zeros(world)
+    flags[_rank()] = float(error is not None)
+    if world > 1:
+        dist.all_reduce(flags)
+    if error is not None:
+        raise error
+    if flags.any():
+        raise CheckpointError(f"{what} failed on rank {int(flags.nonzero()[0])} (its log names the file)")
+
+
 def verify_shared(path: Path) -> dict[str, Any]:
     """`verify` with the checksumming split over the ranks (collective); if any rank finds a fault, every rank
     raises, the finder with the file named."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if world == 1:
-        return verify(path)
     error, meta = None, {}
     try:
         meta = verify(path, (_rank(), world))
     except CheckpointError as exc:
         error = exc
-    flags = torch.zeros(world)
-    flags[_rank()] = float(error is not None)
-    dist.all_reduce(flags)
-    if error is not None:
-        raise error
-    if flags.any():
-        raise CheckpointError(f"checkpoint {path} failed verification on rank {int(flags.nonzero()[0])} "
-                              "(its log names the file)")
+    raise_on_any_rank(error, f"checkpoint {path}: verification")
     return meta
 
 

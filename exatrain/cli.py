@@ -111,15 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--json", metavar="FILE", help="also write the full result (per-prompt scores) as JSON")
     p.set_defaults(func=cmd_eval)
     from exatrain.bench.cli import add_bench_arguments, add_plan_arguments
-    from exatrain.data.prepare import add_data_parser
+    from exatrain.interop.cli import add_data_parser, add_export_parser, add_import_parser
 
     p = sub.add_parser("plan", help="rank parallel layouts for N devices by predicted tokens/s (memory-checked)")
     add_plan_arguments(p)
     p = sub.add_parser("bench", help="micro-benchmarks (gemm, comm) and scaling sweeps")
     add_bench_arguments(p)
     add_data_parser(sub)
-    from exatrain.interop.hf import add_export_parser, add_import_parser
-
     add_export_parser(sub)
     add_import_parser(sub)
     return parser

@@ -8,11 +8,9 @@ not the corpus. Training reads the result with `data.format=megatron data.megatr
 
 from __future__ import annotations
 
-import argparse
 import logging
 import multiprocessing
 import os
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exatrain.data.dataset import PROGRESS_S
 from exatrain.data.documents import DataStats, files_digest, read_documents, resolve_files
 from exatrain.data.megatron import IndexedDatasetWriter, token_dtype, write_sidecar
 from exatrain.data.tokenizer import Tokenizer, byte_tokenizer, encode_texts
@@ -27,7 +26,6 @@ from exatrain.data.tokenizer import Tokenizer, byte_tokenizer, encode_texts
 logger = logging.getLogger("exatrain.data")
 
 _CHUNK_CHARS = 1 << 22  # characters of text per task handed to a worker
-_PROGRESS_S = 30.0
 
 _worker_tokenizer: Tokenizer | None = None
 
@@ -37,11 +35,10 @@ def load_tokenizer(spec: str) -> Tokenizer:
     return byte_tokenizer() if spec == "byte" else Tokenizer.load(spec)
 
 
-def _init_worker(spec: str, one_thread: bool) -> None:
+def _init_worker(spec: str) -> None:
     """Pool workers encode with one thread each (N workers = N cores); alone, the tokenizer uses its own threads."""
     global _worker_tokenizer
-    if one_thread:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = load_tokenizer(spec)
 
 
@@ -87,18 +84,17 @@ def prepare(inputs: list[str], output: str, tokenizer_spec: str, workers: int = 
     try:
         if workers > 1:
             # fork: the workers inherit the imports; the parent has not run the tokenizer's thread pool yet
-            pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer_spec, True))
+            pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer_spec,))
             results = _in_order(pool, jobs, 2 * workers)
         else:
             pool = None
-            _init_worker(tokenizer_spec, False)
-            results = map(_encode_chunk, jobs)
+            results = (list(encode_texts(tokenizer, texts, dtype.type)) for texts, _ in jobs)
         try:
             for arrays in results:
                 for ids in arrays:
                     writer.add_document(ids)
                     n_tokens += len(ids)
-                if time.monotonic() - last_report > _PROGRESS_S:
+                if time.monotonic() - last_report > PROGRESS_S:
                     last_report = time.monotonic()
                     logger.info("prepare: %d documents, %d tokens, %.0f tokens/s", len(writer.lengths), n_tokens,
                                 n_tokens / (last_report - start))
@@ -121,28 +117,3 @@ def prepare(inputs: list[str], output: str, tokenizer_spec: str, workers: int = 
     logger.info("prepare: wrote %s.bin/.idx: %d documents, %d tokens (%s) in %.1fs", output, info["documents"],
                 n_tokens, dtype.name, time.monotonic() - start)
     return info
-
-
-def cmd_prepare(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        prepare(args.inputs, args.output, args.tokenizer, args.workers, args.text_key)
-    except (OSError, ValueError) as exc:
-        print(f"exatrain: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def add_data_parser(sub: argparse._SubParsersAction) -> None:
-    """`exatrain data prepare ...`, registered by exatrain.cli."""
-    data = sub.add_parser("data", help="data preparation: tokenize a corpus once into Megatron .bin/.idx")
-    commands = data.add_subparsers(dest="data_command", required=True)
-    p = commands.add_parser("prepare", help="tokenize JSONL/text files into PREFIX.bin/.idx (+ PREFIX.exatrain.json)")
-    p.add_argument("inputs", nargs="+", help="JSONL or text files, .gz too, or directories of them (as data.paths)")
-    p.add_argument("--output", required=True, help="output prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.exatrain.json")
-    p.add_argument("--tokenizer", required=True,
-                   help="tokenizer.json path (the job's data.tokenizer.path), or 'byte'")
-    p.add_argument("--workers", type=int, default=1,
-                   help="tokenizer processes of one thread each (default 1: one process, the tokenizer's own threads)")
-    p.add_argument("--text-key", default="text", help="JSONL field holding the text (default text)")
-    p.set_defaults(func=cmd_prepare)

@@ -18,26 +18,26 @@ Two differences are bridged in the weights themselves:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from exatrain.config import DEFAULT_CONFIG, JobConfig, ModelConfig, require, split_config_args
+from exatrain.config import JobConfig, ModelConfig, require
 from exatrain.data.tokenizer import Tokenizer, build_tokenizer
 from exatrain.engine.base import clean_fqn
+from exatrain.files import write_private
+from exatrain.interop import EXPORT_DTYPES
 from exatrain.model.llama import Transformer, width_mult
 from exatrain.registry import config_validator
 
 HF_SCHEME = "hf:"
 INDEX = "model.safetensors.index.json"
 DENSE_ATTENTION = ("sdpa", "reference", "flash")  # the backends LlamaForCausalLM's attention equals
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in EXPORT_DTYPES}
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # a buffer older transformers saved; recomputed on load
 _FACTOR_OF = {"wq": "query", "wo": "residual", "w2": "residual", "tok_embeddings": "embed", "output": "lm_head"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?)?B?\s*$", re.IGNORECASE)
@@ -392,51 +392,6 @@ def import_hf(hf_path: str | Path, out_run: str | Path, config: str, overrides: 
         extra.append(f"data.tokenizer.path={hf_path / 'tokenizer.json'}")
     cfg = load_config(config, extra + list(overrides))
     out_run.mkdir(parents=True, exist_ok=True)
-    (out_run / "config.yaml").write_text(to_yaml(cfg))
+    write_private(out_run / "config.yaml", to_yaml(cfg))
     return out_run / "config.yaml"
 
-
-# --------------------------------------------------------------------------- CLI
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from exatrain.train.checkpoint import CheckpointError
-
-    try:
-        out = export_hf(args.run, args.out, args.step, args.max_shard_size, args.dtype, not args.no_tokenizer)
-    except (CheckpointError, ValueError, OSError) as exc:
-        print(f"exatrain: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} (transformers.LlamaForCausalLM.from_pretrained loads it)")
-    return 0
-
-
-def cmd_import(args: argparse.Namespace) -> int:
-    try:
-        path = import_hf(args.hf_dir, args.out_run, *split_config_args(args.config_args))
-    except (ValueError, OSError) as exc:
-        print(f"exatrain: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}; start the run with: exatrain train {path}")
-    return 0
-
-
-def add_export_parser(sub) -> None:
-    p = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face transformers Llama directory")
-    p.add_argument("run", help="run directory (latest checkpoint) or a checkpoints/step_* directory")
-    p.add_argument("out", help="output directory (new or empty)")
-    p.add_argument("--step", type=int, default=None, help="export checkpoints/step_N instead of the latest")
-    p.add_argument("--format", choices=["hf"], default="hf", help="output format (hf: transformers Llama)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default float32)")
-    p.add_argument("--no-tokenizer", action="store_true", help="skip tokenizer.json and its config files")
-    p.set_defaults(func=cmd_export)
-
-
-def add_import_parser(sub) -> None:
-    p = sub.add_parser("import", help="a run config that starts from a Hugging Face Llama directory's weights")
-    p.add_argument("hf_dir", help="Hugging Face model directory (config.json + safetensors)")
-    p.add_argument("out_run", help="run directory to create; its config.yaml is written")
-    p.add_argument("config_args", nargs="*", metavar="[CONFIG] OVERRIDES",
-                   help=f"base config (default {DEFAULT_CONFIG}) and dotlist overrides, e.g. data.paths=[a.jsonl]")
-    p.set_defaults(func=cmd_import)

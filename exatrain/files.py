@@ -9,6 +9,15 @@ from pathlib import Path
 PRIVATE_MODE = 0o600
 
 
+def write_atomic(path: Path | str, text: str) -> None:
+    """Write `text` to `path` through a temporary sibling and a rename: a reader sees the old file or the new
+    one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def write_private(path: Path | str, text: str, append: bool = False, sync: bool = False) -> None:
     """Write (or append) `text` to `path` with mode 0600, also when the file already existed wider;
     `sync` flushes it to disk before returning (a file an atomic rename is about to publish)."""

@@ -49,11 +49,12 @@ from exatrain.data.documents import DataStats, files_digest, read_documents, res
 from exatrain.data.meco import MetadataPrefixes, build_prefixes, metadata_value
 from exatrain.data.megatron import check_tokenizer, parse_prefixes, read_index
 from exatrain.data.tokenizer import Tokenizer, build_tokenizer, encode_texts
+from exatrain.files import write_atomic
 
 logger = logging.getLogger("exatrain.data")
 
 _CACHE_VERSION = 1
-_PROGRESS_S = 30.0  # seconds between progress lines of a long tokenization or wait
+PROGRESS_S = 30.0  # seconds between progress lines of a long tokenization or wait
 
 
 # --------------------------------------------------------------------------- store
@@ -104,7 +105,7 @@ def _write_store(directory: Path, files: list[Path], tokenizer: Tokenizer, meco:
         for ids in encode_texts(tokenizer, texts(), dtype):
             out.write(ids.tobytes())
             offsets.append(offsets[-1] + len(ids))
-            if time.monotonic() - last_report > _PROGRESS_S:
+            if time.monotonic() - last_report > PROGRESS_S:
                 last_report = time.monotonic()
                 logger.info("data: tokenized %d documents (%d tokens) so far", len(offsets) - 1, offsets[-1])
     np.savez(directory / "index.npz", offsets=np.asarray(offsets, dtype=np.int64),
@@ -488,7 +489,7 @@ def _wait_for_rank0(markers: Path, run: str, timeout_s: float) -> bool:
             raise TimeoutError(f"data: rank 0 did not finish preparing the data within data.prepare_timeout_s="
                                f"{timeout_s:g}s (markers in {markers}); prepare it beforehand "
                                f"(`exatrain data prepare`) or raise the timeout")
-        if time.monotonic() - last_report > _PROGRESS_S:
+        if time.monotonic() - last_report > PROGRESS_S:
             last_report = time.monotonic()
             logger.info("data: waiting for rank 0 to prepare the data (%.0fs of data.prepare_timeout_s=%gs)",
                         waited, timeout_s)
@@ -519,16 +520,10 @@ def _prepare_once(cfg: DataConfig, cache_dir: Path) -> tuple[Tokenizer, TokenSto
     try:
         prepared = _prepare(cfg, cache_dir)
     except Exception as exc:  # re-raised after telling the other ranks
-        _write_marker(markers / f"{run[0]}.failed", f"{type(exc).__name__}: {exc}")
+        write_atomic(markers / f"{run[0]}.failed", f"{type(exc).__name__}: {exc}")
         raise
-    _write_marker(markers / f"{run[0]}.done", "")
+    write_atomic(markers / f"{run[0]}.done", "")
     return prepared
-
-
-def _write_marker(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _blend(store: TokenStore, docs: np.ndarray, weights: list[float], seed: int,

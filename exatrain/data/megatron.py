@@ -22,11 +22,13 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from exatrain.config import JobConfig
 from exatrain.errors import ConfigError
+from exatrain.files import write_atomic
 from exatrain.registry import config_validator
 
 logger = logging.getLogger("exatrain.data")
@@ -145,9 +147,8 @@ def read_sidecar(prefix: str) -> dict | None:
     return info
 
 
-def max_token_id(ds: IndexedDataset, cache_dir: Path) -> int:
-    """Largest token id in the .bin: from the sidecar, else a chunked scan cached under `cache_dir`."""
-    info = read_sidecar(ds.prefix)
+def max_token_id(ds: IndexedDataset, cache_dir: Path, info: dict[str, Any] | None) -> int:
+    """Largest token id in the .bin: from its sidecar `info`, else a chunked scan cached under `cache_dir`."""
     if info is not None:
         return int(info["max_token_id"])
     cached = cache_dir / f"megatron-maxid-{ds.digest[:16]}.json"
@@ -160,7 +161,7 @@ def max_token_id(ds: IndexedDataset, cache_dir: Path) -> int:
         top, bottom = max(top, int(chunk.max())), min(bottom, int(chunk.min()))
     if bottom < 0:
         raise ValueError(f"{ds.prefix}.bin holds negative token ids ({bottom})")
-    _write_atomic(cached, json.dumps({"prefix": ds.prefix, "max_token_id": top}))
+    write_atomic(cached, json.dumps({"prefix": ds.prefix, "max_token_id": top}))
     return top
 
 
@@ -172,19 +173,13 @@ def check_tokenizer(ds: IndexedDataset, digest: str, vocab_size: int, cache_dir:
         raise ValueError(f"{ds.sidecar}: {ds.prefix} was tokenized with tokenizer {made['digest'][:12]} (vocab "
                          f"{made['vocab_size']}, {made.get('source', '?')}), but data.tokenizer is {digest[:12]} "
                          f"(vocab {vocab_size}): set data.tokenizer.path to the tokenizer the data was made with")
-    top = max_token_id(ds, cache_dir)
+    top = max_token_id(ds, cache_dir, info)
     if top >= vocab_size:
         raise ValueError(f"{ds.prefix}.bin holds token id {top}, outside data.tokenizer's vocabulary of "
                          f"{vocab_size}: the data was made with another tokenizer (set data.tokenizer.path)")
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 class IndexedDatasetWriter:
@@ -228,7 +223,7 @@ class IndexedDatasetWriter:
 
 
 def write_sidecar(prefix: str, info: dict) -> None:
-    _write_atomic(Path(prefix + SIDECAR), json.dumps(info, indent=1))
+    write_atomic(Path(prefix + SIDECAR), json.dumps(info, indent=1))
 
 
 # --------------------------------------------------------------------------- config

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,6 +24,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from exatrain.config import ConfigError, JobConfig, TokenizerConfig
+from exatrain.files import write_atomic
 from exatrain.registry import config_resolver
 
 logger = logging.getLogger("exatrain.data")
@@ -63,9 +63,7 @@ class Tokenizer:
         """Atomic: a reader never sees a half-written file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self._backend.to_str(pretty=True), encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, self._backend.to_str(pretty=True))
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:

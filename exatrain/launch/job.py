@@ -23,7 +23,7 @@ import sys
 from typing import Any
 
 from exatrain.launch.bootstrap import detect_rank
-from exatrain.launch.preflight import warn_rocm_mismatch
+from exatrain.launch.preflight import CACHE_VARS, warn_rocm_mismatch
 from exatrain.launch.slurm import requeue
 
 log = logging.getLogger("exatrain.launch")
@@ -34,8 +34,8 @@ class RankFailed(RuntimeError):
 
 
 def _node_local_dirs() -> None:
-    """MIOpen does not create its cache directories; they and Triton's live on node-local /tmp (frontier.yaml)."""
-    for var in ("MIOPEN_USER_DB_PATH", "MIOPEN_CUSTOM_CACHE_DIR", "TRITON_CACHE_DIR"):
+    """MIOpen does not create its cache directories; the compiler caches live on node-local /tmp (frontier.yaml)."""
+    for var in CACHE_VARS:
         if os.environ.get(var):
             os.makedirs(os.environ[var], exist_ok=True)
 

@@ -26,10 +26,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
 
 from exatrain.config import JobConfig
+from exatrain.engine.base import all_reduce_sums
 from exatrain.train.callback import Callback, Trainer
 
 log = logging.getLogger("exatrain")
@@ -134,10 +133,7 @@ class DeadlineCallback(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         end = self.end_time() if trainer.info.rank == 0 else None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            shared = torch.tensor([end or 0.0], dtype=torch.float64)
-            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-            end = shared.item() or None
+        end = all_reduce_sums([end or 0.0])[0] or None  # rank 0's: the others add 0
         if end is not None and end <= self.clock():
             log.warning("deadline: the job's end time %s has passed already; relying on the stop signal", end)
             end = None

@@ -21,10 +21,10 @@ from collections import deque
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from exatrain.config import JobConfig, TrainConfig, require
+from exatrain.engine.base import all_reduce_sums
 from exatrain.registry import CALLBACKS, config_resolver, config_validator
 from exatrain.train.callback import Callback
 
@@ -38,12 +38,7 @@ def weights_finite(engine: Any) -> bool:
     """True when no rank holds a non-finite parameter (all-reduced, so every rank gets the same answer)."""
     params = [p for part in engine.model_parts for p in part.parameters()]
     ok = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()) for p in params)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        device = params[0].device if params else torch.device("cpu")
-        flag = torch.tensor([float(ok)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        ok = bool(flag.item())
-    return ok
+    return all_reduce_sums([float(not ok)])[0] == 0
 
 
 class SpikeGuard(Callback):
@@ -60,8 +55,12 @@ class SpikeGuard(Callback):
         return statistics.median(self.history) if step > self.warmup and self.history else None
 
     def is_spike(self, step: int, loss: float) -> bool:
+        return self._spike_median(step, loss) is not None
+
+    def _spike_median(self, step: int, loss: float) -> float | None:
+        """The running median `loss` spikes over, or None when it is no spike."""
         median = self.median(step)
-        return median is not None and math.isfinite(loss) and loss > self.threshold * median
+        return median if median is not None and math.isfinite(loss) and loss > self.threshold * median else None
 
     def on_train_start(self, trainer: Any) -> None:
         if self.policy == "skip":
@@ -69,8 +68,8 @@ class SpikeGuard(Callback):
 
     def on_step_end(self, trainer: Any, stats: Any, record: dict[str, Any]) -> None:
         step = trainer.state.step
-        if self.is_spike(step, stats.loss):
-            median = self.median(step)
+        median = self._spike_median(step, stats.loss)
+        if median is not None:
             record["spike"] = 1
             reason = f"loss spike {stats.loss:.4g} > {self.threshold} x running median {median:.4g} at step {step}"
             if self.policy == "skip":

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from exatrain.config import ConfigError, JobConfig, PrecisionConfig, require
+from exatrain.model.attention import runs_on_gpu
 from exatrain.model.convert import register_converter
 from exatrain.registry import config_resolver, config_validator
 from exatrain.train.divergence import DivergenceDetector
@@ -261,10 +262,6 @@ def add_precision_components(cfg: JobConfig) -> None:
         cfg.train.callbacks.insert(0, "divergence")
 
 
-def _on_gloo(cfg: JobConfig) -> bool:
-    return cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
-
-
 @config_validator
 def validate_precision(cfg: JobConfig) -> None:
     pc = cfg.precision
@@ -285,7 +282,8 @@ def validate_precision(cfg: JobConfig) -> None:
     require(not f.float8_tp_styles or f.recipe == "tensorwise", "precision.fp8.float8_tp_styles",
             f"torchao has float8 TP styles for the tensorwise recipe only (got {f.recipe!r}); the rowwise recipes "
             "run under the plain TP styles")
-    require(not (f.float8_tp_styles and cfg.parallel.tp != 1 and cfg.parallel.sequence_parallel and _on_gloo(cfg)),
+    require(not (f.float8_tp_styles and cfg.parallel.tp != 1 and cfg.parallel.sequence_parallel
+                 and not runs_on_gpu(cfg.train.device)),
             "precision.fp8.float8_tp_styles",
             "with sequence parallelism the float8 styles all-gather float8 activations, which gloo cannot "
             "('Invalid scalar type'); on CPU set parallel.sequence_parallel=false or float8_tp_styles=false")

@@ -181,8 +181,7 @@ class Trainer:
         if self.data.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"{self.data.tokenizer.vocab_size}; set model.vocab_size=0 to use the tokenizer's")
-        if self.info.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.info.rank == 0:  # hold_run_dir created run_dir
             write_private(self.run_dir / "config.yaml", to_yaml(cfg))
 
         self.callbacks = build_callbacks(cfg, callbacks)

@@ -100,7 +100,6 @@ class Watchdog:
                 opened.close()
 
     def start(self) -> None:
-        self.beat(self.where)
         self._thread = threading.Thread(target=self._loop, name="exatrain-watchdog", daemon=True)
         self._thread.start()
 

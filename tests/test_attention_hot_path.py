@@ -15,7 +15,7 @@ from exatrain.engine.base import model_inputs
 from exatrain.model.attention import reference_attention, sdpa_attention
 from exatrain.model.documents import describe, documents, to_device
 from exatrain.model.llama import build_model, materialize
-from exatrain.model.s2 import S2Pattern, triton_kernel
+from exatrain.model.s2 import S2Attention, S2Pattern, force_impl, triton_kernel
 from exatrain.model.s2.phases import local_phases
 
 
@@ -79,10 +79,12 @@ def test_s2_gpu_wrapper_reuses_phases_and_never_syncs(monkeypatch):
     q, k = torch.randn(1, 4, 48, 16), torch.randn(1, 2, 48, 16)
     ids = to_device(packed_ids(1, 48), "cpu")
     single = to_device(torch.zeros(1, 48, dtype=torch.long), "cpu")
-    triton_kernel.triton_attention(q, k, k, p, doc_ids=ids, scale=0.25, head_offset=0)
-    with CountSyncs() as mode:
-        for docs in (ids, single):
-            triton_kernel.triton_attention(q, k, k, p, doc_ids=docs, scale=0.25, head_offset=0)
+    layer = S2Attention(p)
+    with force_impl("triton"):
+        layer(q, k, k, doc_ids=ids, scale=0.25, head_offset=0)
+        with CountSyncs() as mode:
+            for docs in (ids, single):
+                layer(q, k, k, doc_ids=docs, scale=0.25, head_offset=0)
     assert mode.syncs == 0
     assert seen == [ids, ids, None]  # a single document per row runs without the document mask
 

@@ -18,6 +18,7 @@ import torch
 
 from exatrain.config import JobConfig, ModelConfig, require
 from exatrain.model.attention import sdpa_attention
+from exatrain.model.documents import documents
 from exatrain.model.s2.blocksparse import blocksparse_attention
 from exatrain.model.s2.pattern import S2Pattern, is_dense_layer
 from exatrain.model.s2.reference import reference_s2_attention
@@ -76,6 +77,8 @@ class S2Attention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, doc_ids: torch.Tensor | None,
                  scale: float, head_offset: int) -> torch.Tensor:
         fn = _run(select_impl(q.device))
+        if documents(doc_ids) is None:  # one document per row: plain causal, for every backend
+            doc_ids = None
         return fn(q, k, v, self.pattern, doc_ids=doc_ids, scale=scale, head_offset=head_offset)
 
     def __repr__(self) -> str:

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from exatrain.model.attention import sdpa_attention
-from exatrain.model.documents import documents
 from exatrain.model.s2.pattern import S2Pattern
 from exatrain.model.s2.phases import local_phases
 
@@ -49,8 +48,6 @@ def blocksparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat
     units = pattern.local_units(head_offset, q.shape[1])
     if len(units) != k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads need {len(units)} KV heads under the pattern, got {k.shape[1]}")
-    if documents(doc_ids) is None:
-        doc_ids = None
     phases = local_phases(pattern, head_offset, q.shape[1], q.device)
     n_dense = sum(pattern.unit_phase[u] < 0 for u in units)
     if n_dense == len(units) or -(-q.shape[2] // pattern.block_size) <= pattern.local_blocks:

@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from exatrain.model.documents import documents
 from exatrain.model.s2.launch import LaunchConfig, backend_of, launch_config
 from exatrain.model.s2.pattern import S2Pattern
 from exatrain.model.s2.phases import local_phases
@@ -252,7 +251,5 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     units = pattern.local_units(head_offset, q.shape[1])
     if len(units) != k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads need {len(units)} KV heads under the pattern, got {k.shape[1]}")
-    if documents(doc_ids) is None:
-        doc_ids = None
     phases = local_phases(pattern, head_offset, q.shape[1], q.device)
     return _S2Triton.apply(q, k, v, doc_ids, phases, scale, pattern)

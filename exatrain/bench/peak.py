@@ -87,8 +87,7 @@ def lookup(device_name: str, dtype: str, tf32: bool = False) -> PeakInfo | None:
     `tf32`: fp32 matmuls may use TF32 tensor cores (torch's fp32 matmul precision is "tf32").
     """
     dtype = _check_dtype(dtype)
-    name = device_name.lower()
-    spec = next((s for s in _TABLE if s.match in name), None)
+    spec = _spec(device_name)
     if spec is None:
         return None
     if dtype == _FP8:
@@ -102,11 +101,16 @@ def lookup(device_name: str, dtype: str, tf32: bool = False) -> PeakInfo | None:
     return PeakInfo(spec.bf16, f"table: {spec.label} dense {dtype.upper()}")
 
 
+def _spec(device_name: str) -> _Spec | None:
+    name = device_name.lower()
+    return next((s for s in _TABLE if s.match in name), None)
+
+
 def device_name(device: torch.device) -> str:
     """torch's name of a GPU; on ROCm, when that name is empty, unknown or names two parts ("MI250X / MI250"),
     the part its GCN arch and compute-unit count identify (the name unchanged if they identify none)."""
     name = torch.cuda.get_device_name(device)
-    if torch.version.hip is None or ("/" not in name and any(s.match in name.lower() for s in _TABLE)):
+    if torch.version.hip is None or ("/" not in name and _spec(name) is not None):
         return name
     props = torch.cuda.get_device_properties(device)
     arch = props.gcnArchName.split(":")[0]

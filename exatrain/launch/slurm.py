@@ -131,9 +131,10 @@ def _env_line(key: str, value: str) -> str:
     return f'export {key}="{quoted}"'
 
 
-def make_plan(launch: LaunchConfig, job_name: str) -> SlurmPlan:
-    """Merge the job's launch section over its cluster profile and check the result."""
-    profile = load_profile(launch.cluster)
+def make_plan(launch: LaunchConfig, job_name: str, profile: ClusterProfile | None = None) -> SlurmPlan:
+    """Merge the job's launch section over its cluster profile (`profile`, else loaded from launch.cluster) and
+    check the result."""
+    profile = profile or load_profile(launch.cluster)
     tasks = launch.tasks_per_node or profile.tasks_per_node
     if launch.nodes < 1:
         raise ConfigError(f"launch.nodes: must be >= 1, got {launch.nodes}")

@@ -98,7 +98,8 @@ def prepare(cfg: JobConfig, sweep_axes: Sequence[str] = ()) -> LaunchPlan:
 
     `cfg` is a parsed, unresolved config (exatrain.config.parse_config): each point is resolved after its
     overrides, so values derived from a swept key (the FFN width of a swept model.dim) follow it."""
-    slurm = make_plan(cfg.launch, cfg.name)
+    profile = load_profile(cfg.launch.cluster)
+    slurm = make_plan(cfg.launch, cfg.name, profile)
     root = Path(cfg.run_dir).absolute()
     axes = sweep.parse_axes(sweep_axes)
     if any(key.startswith("launch.") for key, _ in axes):
@@ -110,7 +111,6 @@ def prepare(cfg: JobConfig, sweep_axes: Sequence[str] = ()) -> LaunchPlan:
     else:
         runs = [RunSpec(finalize_config(with_overrides(cfg, [*p, f"run_dir={root / str(i)}"])), root / str(i), p)
                 for i, p in enumerate(points)]
-    profile = load_profile(cfg.launch.cluster)
     check_rocm(profile, _torch_hip())
     for run in runs:
         _check_layout(run.cfg, slurm.world_size)

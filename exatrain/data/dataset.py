@@ -316,7 +316,6 @@ class PackedLoader:
         self.order = order or ShuffledOrder(docs, seed)
         self.prefixes = prefixes
         self.seq_len = seq_len
-        self.seed = seed
         self.document_masking = document_masking
         self.dp_rank = dp_rank
         self.dp_size = dp_size
